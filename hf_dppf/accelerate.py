@@ -1,0 +1,181 @@
+"""`DPPF`: the context manager that turns a plain Accelerate loop into DPPF training."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .config import DPPFConfig
+from .consensus import DPPFConsensus, DPPFStats
+
+logger = logging.getLogger(__name__)
+
+
+def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind Accelerate's `AcceleratedOptimizer` (or the optimizer itself)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch optimizer or an AcceleratedOptimizer, got {type(optimizer)}.")
+    return inner
+
+
+def initial_lr(optimizer: torch.optim.Optimizer) -> float:
+    """`lr_0` of the first parameter group: the scheduler's `initial_lr` when there is one, else the current lr."""
+    group = optimizer.param_groups[0]
+    return float(group.get("initial_lr", group["lr"]))
+
+
+def lr_push_scale(optimizer: torch.optim.Optimizer, lr0: float) -> float:
+    """`lr_t / lr_0` for the first parameter group (1.0 when `lr_0` is 0)."""
+    return float(optimizer.param_groups[0]["lr"]) / lr0 if lr0 else 1.0
+
+
+class DPPF:
+    """
+    Local steps inside the block, a DPPF consensus round every `config.tau` optimizer steps.
+
+    Inside the block the (DDP-wrapped) model sends no gradient all-reduce and no buffer broadcast at all, for any
+    number of micro-batches, with or without `accelerator.accumulate`. Optimizer steps are counted by a hook on the
+    optimizer, so a step skipped by the fp16 grad scaler or by gradient accumulation does not count; the round runs
+    right after the step that completes it. On a normal exit every worker is set to the average (or, with
+    `average_on_exit=False`, a last DPPF round runs), so `accelerator.save_model` saves the consensus model.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): the script's accelerator (on CPU build it with `cpu=True`).
+        model (`torch.nn.Module`): the model returned by `accelerator.prepare` (DDP-wrapped or not).
+        optimizer (`torch.optim.Optimizer`, *optional*):
+            The prepared optimizer. When given, its steps are counted by a hook and the push follows its learning
+            rate (`lam_schedule="lr"`); without it, call `dppf.step()` after every optimizer step.
+        config (`DPPFConfig`, *optional*): defaults to `DPPFConfig()`.
+        average_on_exit (`bool`, defaults to `True`): leave every worker holding the average when the block ends.
+        enabled (`bool`, defaults to `True`): `False` makes the block a no-op, so one flag switches DPPF off.
+
+    Example:
+        ```python
+        with DPPF(accelerator, model, optimizer, DPPFConfig(tau=4, alpha=0.5, width=0.01)) as dppf:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    accelerator.backward(model(**batch).loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                dppf.step()
+        print(dppf.stats.rounds, dppf.stats.mean_distance)
+        ```
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        config: DPPFConfig | None = None,
+        *,
+        average_on_exit: bool = True,
+        enabled: bool = True,
+    ) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = _inner_optimizer(optimizer) if optimizer is not None else None
+        self.config = config if config is not None else DPPFConfig()
+        self.average_on_exit = average_on_exit
+        self.enabled = enabled
+        self.engine: DPPFConsensus | None = None
+        self._ddp_flags: dict[str, Any] = {}
+        self._hook = None
+        self._rounds_seen = 0
+        self._warned_schedule = False
+        self._lr0 = 0.0
+
+    # ------------------------------------------------------------------ DDP silencing
+    def _silence_ddp(self) -> None:
+        """Switch off DDP's gradient all-reduce and buffer broadcast (restored on exit)."""
+        ddp = self.model if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else None
+        if ddp is None:
+            return
+        if not self._ddp_flags:
+            self._ddp_flags = {
+                "require_backward_grad_sync": ddp.require_backward_grad_sync,
+                "require_forward_param_sync": ddp.require_forward_param_sync,
+            }
+        # Re-asserted at every step: `accelerator.trigger_sync_in_backward` and friends set them back to True.
+        ddp.require_backward_grad_sync = False
+        ddp.require_forward_param_sync = False
+
+    def _restore_ddp(self) -> None:
+        for name, value in self._ddp_flags.items():
+            setattr(self.model, name, value)
+        self._ddp_flags = {}
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> DPPF:
+        if not self.enabled:
+            return self
+        unwrapped = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+        self.engine = DPPFConsensus(unwrapped, self.config)
+        self._silence_ddp()
+        if self.optimizer is not None:
+            self._lr0 = initial_lr(self.optimizer)
+            self._hook = self.optimizer.register_step_post_hook(lambda *_: self._on_optimizer_step())
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        try:
+            # After an exception the other ranks may not reach a collective: finish without one.
+            if self.engine is not None and exc_type is None:
+                if self.average_on_exit:
+                    self.engine.average()
+                else:
+                    self.engine.round(self._push_scale())
+        finally:
+            self._restore_ddp()
+
+    # ------------------------------------------------------------------ steps
+    def _push_scale(self) -> float:
+        if self.config.lam_schedule != "lr":
+            return 1.0
+        if self.optimizer is None:
+            if not self._warned_schedule:
+                logger.warning("DPPF: lam_schedule='lr' needs the optimizer (pass it to DPPF); push kept constant.")
+                self._warned_schedule = True
+            return 1.0
+        return lr_push_scale(self.optimizer, self._lr0)
+
+    def _on_optimizer_step(self) -> None:
+        self._silence_ddp()
+        self.engine.step(self._push_scale())
+
+    def step(self) -> bool:
+        """
+        Call after every optimizer step. With an optimizer given to `DPPF`, steps are counted by its hook and this
+        only reports; without one, it counts a step whenever Accelerate completed one (`sync_gradients`).
+
+        Returns:
+            `bool`: whether a consensus round ran since the previous call.
+        """
+        if self.engine is None:
+            return False
+        if self.optimizer is None and getattr(self.accelerator, "sync_gradients", True):
+            self._on_optimizer_step()
+        ran = self.engine.stats.rounds != self._rounds_seen
+        self._rounds_seen = self.engine.stats.rounds
+        return ran
+
+    @property
+    def stats(self) -> DPPFStats:
+        """The engine's statistics (`rounds`, `bytes_communicated`, `mean_distance`, `last_round_ms`, ...)."""
+        return self.engine.stats if self.engine is not None else DPPFStats()
+
+    def averaged(self):
+        """Context manager: evaluate or save the workers' average inside it; each worker's weights come back after."""
+        return self.engine.averaged()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict() if self.engine is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
