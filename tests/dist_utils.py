@@ -1,0 +1,146 @@
+"""
+Helpers for multi-process tests on CPU: gloo process groups in spawned workers, and an independent byte counter.
+
+`run_distributed(fn, world_size, *args)` runs `fn(rank, world_size, *args)` in `world_size` spawned processes with a
+fresh free port, initialises gloo, always ends with `barrier()` + `destroy_process_group()`, and returns every rank's
+return value (rank order). An exception on any rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun / accelerate launch would give a worker (and OMP_NUM_THREADS=1)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+    }
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any, init: bool) -> None:
+    os.environ.update(dist_env(rank, world_size, port))
+    torch.set_num_threads(1)
+    try:
+        if init:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        if dist.is_initialized():
+            dist.barrier()
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank's traceback
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, init: bool = True) -> list[Any]:
+    """
+    Run `fn(rank, world_size, *args)` on `world_size` CPU processes; return the ranks' results in rank order.
+
+    With `init=False` the process group is left to `fn` (e.g. to an `Accelerator(cpu=True)`).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, value = _get(queue, procs)
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank} failed:\n{value}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=30 if not errors else 1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+def _get(queue: Any, procs: list) -> tuple:
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not queue.empty():
+            return queue.get()
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            time.sleep(0.5)  # its error may still be in the pipe
+            if not queue.empty():
+                return queue.get()
+            return (procs.index(dead[0]), False, f"process exited with code {dead[0].exitcode}")
+        time.sleep(0.02)
+    return (-1, False, f"timed out after {TIMEOUT_S} s (a hang in a collective?)")
+
+
+@dataclass
+class CollectiveLog:
+    """Every collective this process issued inside `count_collectives()`, as the profiler saw it."""
+
+    calls: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.calls)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+
+@contextmanager
+def count_collectives() -> Iterator[CollectiveLog]:
+    """
+    Count the gloo collectives run by this process, DDP's C++ reducer included, with the profiler's record of every
+    `gloo:*` op and its tensor shapes (bytes assume 4-byte elements, the fp32 of these tests). Independent of
+    hf_dppf's own counters, so it is an oracle for "local steps send nothing".
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    log = CollectiveLog()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        yield log
+    for event in prof.events():
+        if event.name.startswith("gloo:") and event.name != "gloo:barrier":
+            numel = sum(int(torch.tensor(s).prod().item()) if s else 0 for s in event.input_shapes)
+            log.calls.append((event.name, 4 * numel))
