@@ -8,6 +8,7 @@ return value (rank order). An exception on any rank fails the test with that ran
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import traceback
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 300
+_ITEMSIZE = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4}
 
 
 def free_port() -> int:
@@ -132,8 +134,8 @@ class CollectiveLog:
 def count_collectives() -> Iterator[CollectiveLog]:
     """
     Count the gloo collectives run by this process, DDP's C++ reducer included, with the profiler's record of every
-    `gloo:*` op and its tensor shapes (bytes assume 4-byte elements, the fp32 of these tests). Independent of
-    hf_dppf's own counters, so it is an oracle for "local steps send nothing".
+    `gloo:*` op and its tensor shapes and dtypes. Independent of hf_dppf's own counters, so it is an oracle for
+    "local steps send nothing" and for the engine's byte count.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -142,5 +144,8 @@ def count_collectives() -> Iterator[CollectiveLog]:
         yield log
     for event in prof.events():
         if event.name.startswith("gloo:") and event.name != "gloo:barrier":
-            numel = sum(int(torch.tensor(s).prod().item()) if s else 0 for s in event.input_shapes)
-            log.calls.append((event.name, 4 * numel))
+            size = 0
+            for shape, dtype in zip(event.input_shapes, event.input_dtypes or ["float"] * len(event.input_shapes)):
+                numel = math.prod(shape) if shape else 0
+                size += numel * _ITEMSIZE.get(dtype, 4)
+            log.calls.append((event.name, size))
