@@ -114,6 +114,13 @@ class DPPF:
             return self
         unwrapped = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
         self.engine = DPPFConsensus(unwrapped, self.config)
+        processes = getattr(self.accelerator, "num_processes", self.engine.world_size)
+        if processes != self.engine.world_size:
+            raise RuntimeError(
+                f"Accelerate reports {processes} process(es) but torch.distributed has {self.engine.world_size}: "
+                "the data would not be sharded and the workers would train on the same batches. On CPU build "
+                "Accelerator(cpu=True) or export ACCELERATE_USE_CPU=true."
+            )
         self._silence_ddp()
         if self.optimizer is not None:
             self._lr0 = initial_lr(self.optimizer)
