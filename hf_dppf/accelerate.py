@@ -32,6 +32,30 @@ def lr_push_scale(optimizer: torch.optim.Optimizer, lr0: float) -> float:
     return float(optimizer.param_groups[0]["lr"]) / lr0 if lr0 else 1.0
 
 
+def silence_ddp(model: torch.nn.Module) -> dict[str, bool]:
+    """
+    Switch off a `DistributedDataParallel` module's gradient all-reduce and forward buffer broadcast.
+
+    Returns:
+        `dict[str, bool]`: the flags as they were, for `restore_ddp` (empty when `model` is not DDP-wrapped).
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return {}
+    flags = {
+        "require_backward_grad_sync": model.require_backward_grad_sync,
+        "require_forward_param_sync": model.require_forward_param_sync,
+    }
+    model.require_backward_grad_sync = False
+    model.require_forward_param_sync = False
+    return flags
+
+
+def restore_ddp(model: torch.nn.Module, flags: dict[str, bool]) -> None:
+    """Give a DDP module back the flags that `silence_ddp` returned."""
+    for name, value in flags.items():
+        setattr(model, name, value)
+
+
 class DPPF:
     """
     Local steps inside the block, a DPPF consensus round every `config.tau` optimizer steps.
@@ -91,21 +115,13 @@ class DPPF:
     # ------------------------------------------------------------------ DDP silencing
     def _silence_ddp(self) -> None:
         """Switch off DDP's gradient all-reduce and buffer broadcast (restored on exit)."""
-        ddp = self.model if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else None
-        if ddp is None:
-            return
-        if not self._ddp_flags:
-            self._ddp_flags = {
-                "require_backward_grad_sync": ddp.require_backward_grad_sync,
-                "require_forward_param_sync": ddp.require_forward_param_sync,
-            }
         # Re-asserted at every step: `accelerator.trigger_sync_in_backward` and friends set them back to True.
-        ddp.require_backward_grad_sync = False
-        ddp.require_forward_param_sync = False
+        flags = silence_ddp(self.model)
+        if not self._ddp_flags:
+            self._ddp_flags = flags
 
     def _restore_ddp(self) -> None:
-        for name, value in self._ddp_flags.items():
-            setattr(self.model, name, value)
+        restore_ddp(self.model, self._ddp_flags)
         self._ddp_flags = {}
 
     # ------------------------------------------------------------------ context
