@@ -10,6 +10,8 @@ from importlib import import_module
 # subcommand -> (module, help). A module provides `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("hf_dppf.benchmark", "time one consensus round against a flat all-reduce and accelerate's LocalSGD"),
+    "sharpness": ("hf_dppf.cli_sharpness", "Inverse Mean Valley (and reference sharpness measures) of a saved model"),
+    "landscape": ("hf_dppf.cli_landscape", "loss-landscape slice of a saved model, as a table and a PNG"),
 }
 
 

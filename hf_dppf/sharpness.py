@@ -190,7 +190,7 @@ def mean_valley(
         threshold = valley_threshold(base_loss, delta, ratio)
 
         def widths_along(k: int) -> tuple[float, float, float, float]:
-            direction = [random_direction(params, seed, k, bias_mode)]
+            direction = [random_direction(moved.origin, seed, k, bias_mode)]
             calls = 0
 
             def above(t: float) -> bool:
