@@ -88,6 +88,7 @@ class _Bucket:
     views: list[torch.Tensor] = field(default_factory=list)
     segments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     work: Any = None
+    holds_average: bool = True
 
     def __post_init__(self) -> None:
         offset = 0
@@ -212,38 +213,50 @@ class DPPFConsensus:
         self.stats.collective_calls += 1
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
 
-    def _reduce_to_average(self) -> tuple[float, float]:
+    def _reduce(self, *, keep_average: bool, norms: bool) -> tuple[float, float]:
         """
-        Fill every bucket's buffer with the average; return this worker's `r_i^2` and `||x_A||^2` (parameters only).
+        All-reduce every bucket and return this worker's `r_i^2` and `||x_A||^2` over the parameters (0 if `norms` is
+        False).
+
+        Buffer buckets, and parameter buckets when `keep_average` (or when their dtype differs from the wire's), end
+        holding `x_A`. Otherwise a parameter bucket ends holding `M * (x_A - x_i)`: one fused `sub_` per chunk turns
+        the sum into the scaled difference, whose norm gives `r_i` while the chunk is still in cache; the write-back
+        is then a single `x_i += (1 - c_i) / M * buffer`.
         """
         buckets = self._ensure_buckets()
-        if self.world_size == 1:  # the average is the worker itself
-            for b in buckets:
-                torch._foreach_copy_(b.views, b.tensors)
-            norms = [
-                torch.linalg.vector_norm(t, dtype=torch.float32) for b in buckets if b.is_param for t in b.tensors
-            ]
-            return 0.0, torch.stack(norms).double().square().sum().item() if norms else 0.0
+        m = self.world_size
         for b in buckets:
             torch._foreach_copy_(b.views, b.tensors)
-            b.work = self._all_reduce(b.comm, async_op=True)
+            b.work = self._all_reduce(b.comm, async_op=True) if m > 1 else None
+            b.holds_average = True
         partial_d: list[torch.Tensor] = []
         partial_a: list[torch.Tensor] = []
-        for b in buckets:
-            b.work.wait()
-            b.work = None
-            b.comm.div_(self.world_size)
-            if not b.is_param:
+        for b in buckets:  # bucket k's math runs while buckets k+1, ... are still in flight
+            if b.work is not None:
+                b.work.wait()
+                b.work = None
+            if b.is_param and not keep_average and b.same_dtype and m > 1:
+                b.holds_average = False
+                for x, c in b.segments:
+                    if norms:
+                        partial_a.append(torch.linalg.vector_norm(c))  # ||sum|| = M ||x_A||
+                    c.sub_(x, alpha=m)
+                    if norms:
+                        partial_d.append(torch.linalg.vector_norm(c))  # M r_i
+                continue
+            if m > 1:
+                b.comm.div_(m)
+            if not (b.is_param and norms):
                 continue
             if self._scratch is None or self._scratch.device != b.comm.device:
                 self._scratch = torch.empty(_CHUNK, dtype=torch.float32, device=b.comm.device)
             for x, a in b.segments:
                 tmp = self._scratch[: x.numel()].view(x.shape)
                 torch.sub(x, a, out=tmp)
-                partial_d.append(torch.linalg.vector_norm(tmp))
-                partial_a.append(torch.linalg.vector_norm(a, dtype=torch.float32))
-        sq_d = torch.stack(partial_d).double().square().sum().item() if partial_d else 0.0
-        sq_a = torch.stack(partial_a).double().square().sum().item() if partial_a else 0.0
+                partial_d.append(torch.linalg.vector_norm(tmp) * m)
+                partial_a.append(torch.linalg.vector_norm(a, dtype=torch.float32) * m)
+        sq_d = torch.stack(partial_d).double().square().sum().item() / m**2 if partial_d else 0.0
+        sq_a = torch.stack(partial_a).double().square().sum().item() / m**2 if partial_a else 0.0
         return sq_d, sq_a
 
     # ------------------------------------------------------------------ rounds
@@ -263,13 +276,15 @@ class DPPFConsensus:
             raise ValueError(f"push_scale={push_scale!r} is invalid: it must be a finite number >= 0.")
         rule = STRATEGIES[strategy or self.config.strategy]
         start = time.perf_counter()
-        sq_d, sq_a = self._reduce_to_average()
+        sq_d, sq_a = self._reduce(keep_average=not rule.pushes, norms=True)
         r, average_norm = math.sqrt(sq_d), math.sqrt(sq_a)
         lam = self.config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
         c = rule.coefficient(r, self.config.alpha, lam, self.config.eps)
         if self.world_size > 1:
             for b in self._buckets:
-                if not b.is_param or c == 0.0:
+                if not b.holds_average:  # buffer = M * (x_A - x_i)
+                    torch._foreach_add_(b.tensors, b.views, alpha=(1.0 - c) / self.world_size)
+                elif not b.is_param or c == 0.0:
                     torch._foreach_copy_(b.tensors, b.views)
                 elif b.same_dtype:
                     torch._foreach_lerp_(b.tensors, b.views, 1.0 - c)
@@ -316,7 +331,7 @@ class DPPFConsensus:
         with torch.no_grad():
             buckets = self._ensure_buckets()
             backup = [[t.clone() for t in b.tensors] for b in buckets]
-            self._reduce_to_average()
+            self._reduce(keep_average=True, norms=False)
             for b in buckets:
                 torch._foreach_copy_(b.tensors, b.views)
         try:

@@ -1,0 +1,144 @@
+"""
+`hf-dppf bench`: how long one DPPF consensus round takes next to the communication it cannot avoid.
+
+On a randomly initialised model built from a config (no download; BERT-base by default), every rank times, in
+interleaved order so that machine noise hits all methods alike:
+
+- `flat all-reduce`: one `all_reduce` of a single contiguous fp32 tensor as large as all the parameters (the floor);
+- `DPPFConsensus.round()`: the engine's full round (copy-in, bucketed all-reduce, norms, pull-push write-back);
+- `accelerate LocalSGD`: accelerate's `LocalSGD` parameter averaging (one all-reduce per tensor).
+
+Run it directly (it spawns `--nproc` gloo processes on this machine) or under `torchrun` / `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+MODELS = {
+    "bert-base": dict(),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODELS), default="bert-base", help="model size (built from config)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes to spawn when not launched by torchrun")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions of each method (median reported)")
+    parser.add_argument("--bucket_mb", type=float, default=25.0, help="DPPFConfig.bucket_mb for the engine")
+    parser.add_argument("--comm_dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="DPPFConfig.comm_dtype")
+    parser.add_argument("--skip_localsgd", action="store_true", help="do not time accelerate's LocalSGD")
+    parser.add_argument("--output", default=None, help="also write the markdown table to this file")
+
+
+def _time(fn: Callable[[], object]) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _bench(args: argparse.Namespace) -> str | None:
+    from transformers import BertConfig, BertModel
+
+    from .config import DPPFConfig
+    from .consensus import DPPFConsensus
+
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(rank)
+    model = BertModel(BertConfig(**MODELS[args.model])).requires_grad_(True)
+    numel = sum(p.numel() for p in model.parameters())
+    flat = torch.randn(numel)
+    engine = DPPFConsensus(model, DPPFConfig(bucket_mb=args.bucket_mb, comm_dtype=args.comm_dtype))
+    methods: dict[str, Callable[[], object]] = {
+        "flat all-reduce (floor)": lambda: dist.all_reduce(flat),
+        "DPPFConsensus.round()": engine.round,
+    }
+    if not args.skip_localsgd:
+        from accelerate import Accelerator
+        from accelerate.local_sgd import LocalSGD
+
+        accelerator = Accelerator(cpu=True)
+        local_sgd = LocalSGD(accelerator, model, local_sgd_steps=1, enabled=True)
+        methods["accelerate LocalSGD averaging"] = local_sgd._sync_and_avg_model_params
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():  # warm-up: allocations, gloo connections
+        _time(fn)
+    for i in range(args.repeats):
+        for name, fn in methods.items():
+            times[name].append(_time(fn))
+        if rank == 0:
+            print(
+                f"[bench] repeat {i + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items())
+            )
+    if rank != 0:
+        return None
+    floor = statistics.median(times["flat all-reduce (floor)"])
+    mb = numel * 4 / 2**20
+    lines = [
+        f"{args.model}: {numel / 1e6:.1f}M parameters, {mb:.0f} MiB fp32; {world} gloo processes, "
+        f"{args.repeats} repeats, comm_dtype={args.comm_dtype}, bucket_mb={args.bucket_mb}",
+        "",
+        "| method | median ms | min ms | x flat all-reduce |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t in times.items():
+        med = statistics.median(t)
+        lines.append(f"| {name} | {med:.0f} | {min(t):.0f} | {med / floor:.2f}x |")
+    return "\n".join(lines)
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_RANK=str(rank), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    _run_rank(args)
+
+
+def _run_rank(args: argparse.Namespace) -> None:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    try:
+        table = _bench(args)
+        if table is not None:
+            print(table, flush=True)
+            if args.output:
+                with open(args.output, "w") as f:
+                    f.write(table + "\n")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc < 2:
+        print(f"--nproc={args.nproc} is invalid: a consensus round needs at least 2 processes.", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
+        _run_rank(args)
+        return 0
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(args.nproc, port, args), nprocs=args.nproc, start_method="spawn")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
