@@ -138,3 +138,18 @@ def _disabled(rank: int, world_size: int) -> None:
 
 def test_disabled_is_stock_ddp() -> None:
     run_distributed(_disabled, 2, init=False)
+
+
+def test_steps_skipped_by_the_grad_scaler_do_not_count() -> None:
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    ran = []
+    with DPPF(None, model, optimizer, DPPFConfig(tau=2)) as dppf:
+        for value in (1.0, float("inf"), 1.0, 1.0):  # the inf batch overflows: the scaler skips optimizer.step()
+            scaler.scale(model(torch.full((2, 3), value)).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            ran.append(dppf.step())
+    assert dppf.stats.steps == 3 and ran == [False, False, True, False]
