@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import sys
 
 import pytest
 import torch
@@ -520,3 +521,34 @@ def test_every_cli_flag_is_documented():
     for name in ("sharpness", "landscape"):
         for action in subparsers[name]._actions:
             assert action.help, f"hf-dppf {name} {action.option_strings} has no help"
+
+
+# ------------------------------------------------------------------------------------------------- the study
+def load_study():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sharpness_study.py"
+    spec = importlib.util.spec_from_file_location("sharpness_study", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_local_sgd_with_tau_1_is_ddp():
+    # averaging after every step is gradient averaging: SGD, momentum and weight decay are all linear
+    study = load_study()
+    args = study.parse_args(
+        ["--data", "digits", "--hidden", "16", "--max_epochs", "2", "--target_loss", "0", "--tau", "1"]
+    )
+    train_set, _ = study.load_data("digits", 200, seed=0)
+    runs = {m: study.Run(m, batch_size=5, lr=0.05, weight_decay=1e-3, seed=0) for m in ("ddp", "localsgd", "dppf")}
+    models = {m: study.train(run, train_set, args)[0] for m, run in runs.items()}
+
+    for p, q in zip(models["ddp"].parameters(), models["localsgd"].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    distance = sum(
+        float((p - q).detach().norm() ** 2) for p, q in zip(models["ddp"].parameters(), models["dppf"].parameters())
+    )
+    assert distance > 1e-6  # the push makes DPPF differ
