@@ -15,15 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .perturbation import (
-    Batch,
-    EvalSet,
-    LossFn,
-    WeightPerturbation,
-    map_over_ranks,
-    random_direction,
-    trainable_parameters,
-)
+from .perturbation import Batch, LossFn, map_over_ranks, measurement, random_direction
 
 MODES = ("1d", "2d", "line")
 
@@ -190,17 +182,14 @@ def loss_landscape(
         raise ValueError(f"span={span!r} is invalid: it must be a finite number > 0.")
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"points={points!r} is invalid: it must be an integer >= 2.")
-    params = trainable_parameters(model, params)
-    evalset = EvalSet(model, data, loss_fn)
-    if mode == "line":
-        directions = [_line_direction(model, params, other)]
-        axes = [_grid(-span / 2, 1 + span / 2, points, (0.0, 1.0))]
-    else:
-        directions = [random_direction(params, seed, k, bias_mode) for k in range(1 if mode == "1d" else 2)]
-        axes = [_grid(-span, span, points, (0.0,)) for _ in directions]
-    grid = torch.cartesian_prod(*axes).reshape(-1, len(axes))
-
-    with torch.no_grad(), WeightPerturbation(model, params) as moved:
+    with torch.no_grad(), measurement(model, data, loss_fn, params) as (evalset, moved):
+        if mode == "line":
+            directions = [_line_direction(model, moved.params, other)]
+            axes = [_grid(-span / 2, 1 + span / 2, points, (0.0, 1.0))]
+        else:
+            directions = [random_direction(moved.origin, seed, k, bias_mode) for k in range(1 if mode == "1d" else 2)]
+            axes = [_grid(-span, span, points, (0.0,)) for _ in directions]
+        grid = torch.cartesian_prod(*axes).reshape(-1, len(axes))
 
         def loss_at(i: int) -> tuple[float]:
             moved.move(directions, grid[i].tolist())

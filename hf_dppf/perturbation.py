@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -205,6 +206,22 @@ class WeightPerturbation:
         self.restore()
         for module, training in self._modes:
             module.training = training
+
+
+@contextmanager
+def measurement(
+    model: nn.Module,
+    data: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+) -> Iterator[tuple[EvalSet, WeightPerturbation]]:
+    """
+    What every measure starts with: the fixed evaluation set, and a `WeightPerturbation` of the chosen parameters
+    (`moved.params`, `moved.origin`) that holds the model in eval mode and restores it on exit.
+    """
+    evalset = EvalSet(model, data, loss_fn)
+    with WeightPerturbation(model, trainable_parameters(model, params)) as moved:
+        yield evalset, moved
 
 
 def map_over_ranks(

@@ -29,8 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .landscape import loss_landscape
-from .perturbation import Batch, EvalSet, LossFn, WeightPerturbation, map_over_ranks, random_direction
-from .perturbation import trainable_parameters as _trainable_parameters
+from .perturbation import Batch, LossFn, map_over_ranks, measurement, random_direction
 
 __all__ = ["ValleyResult", "mean_valley", "inverse_mean_valley", "loss_landscape", "valley_threshold"]
 
@@ -183,9 +182,7 @@ def mean_valley(
     if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
         raise ValueError(f"num_directions={num_directions!r} is invalid: it must be an integer >= 1.")
     search = _Search(init_step, max_step, rel_tol)
-    params = _trainable_parameters(model, params)
-    evalset = EvalSet(model, data, loss_fn)
-    with torch.no_grad(), WeightPerturbation(model, params) as moved:
+    with torch.no_grad(), measurement(model, data, loss_fn, params) as (evalset, moved):
         base_loss = evalset.loss()
         threshold = valley_threshold(base_loss, delta, ratio)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .perturbation import Batch, EvalSet, LossFn, WeightPerturbation, direction_seed, trainable_parameters
+from .perturbation import Batch, EvalSet, LossFn, direction_seed, measurement
 
 __all__ = ["epsilon_sharpness", "hessian_top_eigenvalue", "hessian_trace"]
 
@@ -114,9 +114,8 @@ def epsilon_sharpness(
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon={epsilon!r} is invalid: it must be a finite number > 0.")
     _check_count("steps", steps)
-    params = trainable_parameters(model, params)
-    evalset = EvalSet(model, data, loss_fn)
-    with WeightPerturbation(model, params) as moved:
+    with measurement(model, data, loss_fn, params) as (evalset, moved):
+        params = moved.params
         base_loss = evalset.loss()
         start = _random_vector(params, seed, 0)
         e = _scaled(start, epsilon / _norm(start))
@@ -163,9 +162,8 @@ def hessian_top_eigenvalue(
         `float`: the eigenvalue estimate.
     """
     _check_count("iterations", iterations)
-    params = trainable_parameters(model, params)
-    evalset = EvalSet(model, data, loss_fn)
-    with WeightPerturbation(model, params):
+    with measurement(model, data, loss_fn, params) as (evalset, moved):
+        params = moved.params
         v = _random_vector(params, seed, 0)
         v = _scaled(v, 1.0 / _norm(v))
         estimate = math.nan
@@ -204,9 +202,8 @@ def hessian_trace(
         `float`: the trace estimate.
     """
     _check_count("samples", samples)
-    params = trainable_parameters(model, params)
-    evalset = EvalSet(model, data, loss_fn)
-    with WeightPerturbation(model, params):
+    with measurement(model, data, loss_fn, params) as (evalset, moved):
+        params = moved.params
         quadratic_forms = []
         for k in range(samples):
             v = _random_vector(params, seed, k, rademacher=True)
