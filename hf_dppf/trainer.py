@@ -1,0 +1,348 @@
+"""
+`DPPFTrainer` and `DPPFTrainingArguments`: DPPF for scripts built on the Hugging Face `Trainer`, switched on by a flag.
+
+With `--dppf` each worker trains its own copy of the weights with its own optimizer state on its own data shard, with
+no gradient all-reduce on any micro-batch, and the workers meet in a consensus round every `--dppf_tau` optimizer
+steps. Evaluation, `save_model`, `push_to_hub` and the model left after `train()` are the workers' average; checkpoints
+also hold every worker's own weights, optimizer, RNG and engine state, so that `resume_from_checkpoint` continues the
+run exactly. Without `--dppf` the classes are the stock `TrainingArguments` and `Trainer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .accelerate import _inner_optimizer, initial_lr, lr_push_scale, restore_ddp, silence_ddp
+from .config import COMM_DTYPES, LAM_SCHEDULES, DPPFConfig
+from .consensus import DPPFConsensus
+from .strategies import STRATEGIES
+
+logger = logging.getLogger(__name__)
+
+# Inside a checkpoint folder: `dppf/rank{r}/` holds worker r's own weights, optimizer state and engine state.
+DPPF_CHECKPOINT_DIR = "dppf"
+WORKER_WEIGHTS_NAME = "model.safetensors"
+WORKER_OPTIMIZER_NAME = "optimizer.pt"
+WORKER_STATE_NAME = "dppf_state.json"
+SCHEDULER_NAME = "scheduler.pt"  # the stock Trainer's file name: the schedule is the same on every worker
+
+# `DPPFConfig` field -> `TrainingArguments` field (and command-line flag). `lam` is a Python keyword elsewhere.
+_FLAG_NAMES = {"lam": "dppf_lambda"}
+_CHOICES = {"strategy": sorted(STRATEGIES), "lam_schedule": list(LAM_SCHEDULES), "comm_dtype": list(COMM_DTYPES)}
+
+
+def flag_name(config_field: str) -> str:
+    """The `DPPFTrainingArguments` field (and `--flag`) that sets `DPPFConfig.<config_field>`."""
+    return _FLAG_NAMES.get(config_field, f"dppf_{config_field}")
+
+
+def config_field_help() -> dict[str, str]:
+    """
+    The help text of every `DPPFConfig` field, read from the `Args:` section of its docstring (one source of truth for
+    the docs and `--help`), with the valid values appended for the fields that take a name.
+    """
+    doc = inspect.cleandoc(DPPFConfig.__doc__ or "").split("Args:", 1)[-1]
+    helps: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in doc.splitlines():
+        header = re.match(r"^ {4}(\w+) \(.*\):\s*$", line)
+        if header:
+            current = helps.setdefault(header.group(1), [])
+        elif current is not None and line.startswith(" " * 8):
+            current.append(line.strip())
+        elif line.strip():
+            current = None
+    out = {}
+    for f in fields(DPPFConfig):
+        text = " ".join(helps.get(f.name, [])) or f"DPPFConfig.{f.name}"
+        if f.name in _CHOICES:
+            text += f" Valid values: {', '.join(_CHOICES[f.name])}."
+        out[f.name] = text
+    return out
+
+
+_HELP = config_field_help()
+_DEFAULTS = {f.name: f.default for f in fields(DPPFConfig)}
+
+
+def _dppf_field(config_field: str) -> Any:
+    """A `TrainingArguments` field mirroring `DPPFConfig.<config_field>`: same default, help from its docstring."""
+    if _DEFAULTS[config_field] is MISSING:
+        raise TypeError(f"DPPFConfig.{config_field} has no default; every DPPF flag needs one.")
+    return field(default=_DEFAULTS[config_field], metadata={"help": f"[DPPF] {_HELP[config_field]}"})
+
+
+@dataclass
+class DPPFTrainingArguments(TrainingArguments):
+    """
+    `TrainingArguments` plus `--dppf` and one `--dppf_<field>` flag per `DPPFConfig` field (`lam` is `--dppf_lambda`).
+
+    The `DPPFConfig` is built (and validated) when the arguments are, so a bad value fails at argument parsing with
+    the config's message; it is available as `args.dppf_config`. With `dppf=True`, `average_tokens_across_devices` is
+    switched off: each worker trains on its own loss and nothing is exchanged between rounds.
+
+    Args:
+        dppf (`bool`, defaults to `False`):
+            Train with DPPF: local steps without gradient all-reduce, a consensus round every `dppf_tau` optimizer
+            steps; evaluate and save the workers' average. `False` is the stock `Trainer` (DDP).
+        dppf_tau, dppf_alpha, dppf_lambda, dppf_width, dppf_lam_schedule, dppf_strategy, dppf_warmup_steps,
+        dppf_bucket_mb, dppf_comm_dtype, dppf_eps:
+            The `DPPFConfig` fields `tau`, `alpha`, `lam`, `width`, ... (see `hf_dppf.DPPFConfig`).
+
+    Example:
+        ```python
+        args = DPPFTrainingArguments(output_dir="out", dppf=True, dppf_tau=4, dppf_alpha=0.5, dppf_width=0.01)
+        ```
+    """
+
+    dppf: bool = field(
+        default=False,
+        metadata={
+            "help": "[DPPF] Train with DPPF (Distributed Pull-Push Force): workers take local optimizer steps with no "
+            "gradient all-reduce and meet in a pull-push consensus round every --dppf_tau steps; evaluation and "
+            "saved models are the workers' average. Off: the stock Trainer (DDP)."
+        },
+    )
+    dppf_tau: int = _dppf_field("tau")
+    dppf_alpha: float = _dppf_field("alpha")
+    dppf_lambda: float | None = _dppf_field("lam")
+    dppf_width: float | None = _dppf_field("width")
+    dppf_lam_schedule: str = _dppf_field("lam_schedule")
+    dppf_strategy: str = _dppf_field("strategy")
+    dppf_warmup_steps: int = _dppf_field("warmup_steps")
+    dppf_bucket_mb: float = _dppf_field("bucket_mb")
+    dppf_comm_dtype: str = _dppf_field("comm_dtype")
+    dppf_eps: float = _dppf_field("eps")
+
+    def __post_init__(self) -> None:
+        # Validate before the (slow) device set-up of TrainingArguments, so a typo fails at once.
+        self.dppf_config = self.build_dppf_config()
+        if self.dppf and self.average_tokens_across_devices:
+            # Gathering token counts would be a collective per step and would scale each worker's loss by the others'.
+            self.average_tokens_across_devices = False
+        super().__post_init__()
+
+    def build_dppf_config(self) -> DPPFConfig:
+        """The `DPPFConfig` these arguments describe (raises `ValueError` naming the bad flag and the valid range)."""
+        try:
+            return DPPFConfig(**{f.name: getattr(self, flag_name(f.name)) for f in fields(DPPFConfig)})
+        except ValueError as err:
+            bad = re.match(r"DPPFConfig\.(\w+)=", str(err))
+            flag = f" (flag --{flag_name(bad.group(1))})" if bad else ""
+            raise ValueError(f"{err}{flag}") from err
+
+
+class _DPPFCallback(TrainerCallback):
+    """Runs the trainer's DPPF hooks at the points of the stock loop where every rank is in step."""
+
+    def __init__(self, trainer: DPPFTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self.trainer._dppf_silence()
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        self.trainer._dppf_on_optimizer_step()
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.trainer._dppf_finish()
+
+
+class DPPFTrainer(Trainer):
+    """
+    A `Trainer` that runs DPPF when `args.dppf` is set (`DPPFTrainingArguments`) and is the stock `Trainer` otherwise.
+
+    With DPPF:
+
+    - No gradient all-reduce on any micro-batch: DDP's reducer and buffer broadcast are switched off for the whole run
+      (the stock loop all-reduces on the last micro-batch of every step). Each worker still reads its own data shard.
+    - A consensus round (`DPPFConsensus`) follows every `dppf_tau`-th optimizer step (not micro-batch); the push
+      follows the learning rate (`dppf_lam_schedule="lr"`).
+    - `evaluate`, `predict`, `save_model` (and so checkpoints' `model.safetensors` and `push_to_hub`) use the workers'
+      average, computed without touching the workers' own weights or optimizer states. After `train()` every worker
+      holds the average, which is the model the run produces.
+    - A checkpoint also holds, under `dppf/rank{r}/`, worker r's own weights (safetensors), optimizer state and engine
+      state, next to the stock per-rank RNG files and the scheduler, so `resume_from_checkpoint` continues exactly
+      (same number of processes required). A stock DDP checkpoint resumes too: every worker starts from it.
+    - `dppf/valley_width`, `dppf/bytes`, `dppf/round_ms`, `dppf/rounds`, ... are added to the training logs, so they
+      reach every `report_to` integration and the progress bar.
+
+    `evaluate`, `predict` and `save_model` are collectives while the workers differ: call them on every process, as
+    the stock scripts do.
+
+    Example:
+        ```python
+        args = DPPFTrainingArguments(output_dir="out", dppf=True, dppf_tau=4)
+        trainer = DPPFTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
+        trainer.train()
+        trainer.save_model()  # the workers' average
+        ```
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dppf_engine: DPPFConsensus | None = None
+        self._dppf_ddp_flags: dict[str, bool] = {}
+        self._dppf_lr0 = 0.0
+        self._dppf_in_sync = False  # every worker known to hold the same weights (after the final average)
+        if self.dppf_enabled:
+            self._check_dppf_setup()
+            self.add_callback(_DPPFCallback(self))
+
+    @property
+    def dppf_enabled(self) -> bool:
+        """Whether this trainer runs DPPF (`args.dppf`)."""
+        return bool(getattr(self.args, "dppf", False))
+
+    @property
+    def dppf_engine(self) -> DPPFConsensus | None:
+        """The consensus engine of the current (or last) run; `None` before training or without DPPF."""
+        return self._dppf_engine
+
+    def _check_dppf_setup(self) -> None:
+        if not isinstance(self.args, DPPFTrainingArguments):
+            raise TypeError(f"args.dppf needs a DPPFTrainingArguments, got {type(self.args).__name__}.")
+        for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled)):
+            if on:
+                raise ValueError(
+                    f"--dppf with {name} is not supported by DPPFTrainer: it needs one full replica per process "
+                    f"(DDP or a single process). Drop --dppf or the {name} configuration."
+                )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"--dppf with torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs in one process is not "
+                "supported: launch one process per GPU with torchrun or accelerate launch."
+            )
+        if self.args.world_size == 1:
+            logger.warning("DPPF with a single process: there is one worker, so this is plain local training.")
+
+    # ------------------------------------------------------------------ the run
+    def _dppf_worker_dir(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, f"rank{self.args.process_index}")
+
+    def _dppf_silence(self) -> None:
+        flags = silence_ddp(self.model_wrapped)
+        if not self._dppf_ddp_flags:
+            self._dppf_ddp_flags = flags
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """After the stock preparation (DDP wrap, optimizer, scheduler, checkpoint): start the DPPF engine."""
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self.dppf_enabled:
+            self._dppf_start(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def _dppf_start(self, checkpoint: str | None) -> None:
+        self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
+        self._dppf_in_sync = False
+        self._dppf_silence()
+        if checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint)):
+            # After the DDP wrap: wrapping broadcasts rank 0's weights, which would overwrite the others' own.
+            worker = self._dppf_worker_dir(checkpoint)
+            with open(os.path.join(worker, WORKER_STATE_NAME)) as f:
+                saved = json.load(f)
+            if saved["world_size"] != self.args.world_size:
+                raise ValueError(
+                    f"Checkpoint {checkpoint} was written by {saved['world_size']} DPPF workers, this run has "
+                    f"{self.args.world_size}: an exact resume needs the same number. To start a new run from its "
+                    "average instead, load the checkpoint folder as the model (from_pretrained) without resuming."
+                )
+            load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))  # copied into the params in place
+            self._dppf_engine.load_state_dict(saved["engine"])
+        elif checkpoint is not None:
+            logger.warning(
+                "Checkpoint %s has no DPPF worker states: every worker starts from its model and optimizer.",
+                checkpoint,
+            )
+        # lr_0 of the schedule (restored with the optimizer's param groups on resume).
+        self._dppf_lr0 = initial_lr(_inner_optimizer(self.optimizer))
+
+    def _dppf_on_optimizer_step(self) -> None:
+        # Called on every rank right after each optimizer step (before the scheduler's), whether or not a grad scaler
+        # skipped it on some rank, so all ranks count the same steps and meet in the same rounds.
+        self._dppf_in_sync = False
+        config = self.args.dppf_config
+        push_scale = (
+            lr_push_scale(_inner_optimizer(self.optimizer), self._dppf_lr0) if config.lam_schedule == "lr" else 1.0
+        )
+        self._dppf_engine.step(push_scale)
+
+    def _dppf_finish(self) -> None:
+        """End of `train()`: every worker takes the average, which is the model the run produces."""
+        self._dppf_engine.average()
+        self._dppf_in_sync = True
+        restore_ddp(self.model_wrapped, self._dppf_ddp_flags)
+        self._dppf_ddp_flags = {}
+
+    @contextlib.contextmanager
+    def dppf_averaged(self) -> Iterator[None]:
+        """
+        Inside the block every worker holds the workers' average; their own weights come back after it (a collective
+        while the workers differ). A no-op without DPPF.
+        """
+        if not self.dppf_enabled or self._dppf_in_sync:
+            yield
+            return
+        if self._dppf_engine is None or self._dppf_engine.module is not self.model:
+            self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)  # e.g. evaluate() before train()
+        with self._dppf_engine.averaged():
+            yield
+
+    # ------------------------------------------------------------------ the average for eval and save
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        """The stock loop (used by `evaluate` and `predict`) on the workers' average."""
+        with self.dppf_averaged():
+            return super().evaluation_loop(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the workers' average (`from_pretrained` loads it), as the stock `save_model` saves the model."""
+        with self.dppf_averaged():
+            super().save_model(output_dir, _internal_call)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the engine's statistics (`dppf/valley_width`, `dppf/bytes`, `dppf/round_ms`, ...) to training logs."""
+        if self._dppf_engine is not None and ("loss" in logs or "train_loss" in logs):
+            logs = {**logs, **self._dppf_engine.stats.to_logs()}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """
+        With DPPF, the resume state of every worker (own weights, optimizer, engine) under `dppf/rank{r}/`, written by
+        every rank, and the scheduler (the same on all ranks) by the main process. The stock per-rank RNG files and
+        trainer state are written by the stock `_save_checkpoint` around this call.
+        """
+        if not self.dppf_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        worker = self._dppf_worker_dir(output_dir)
+        os.makedirs(worker, exist_ok=True)
+        save_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME), force_contiguous=True)
+        torch.save(self.optimizer.state_dict(), os.path.join(worker, WORKER_OPTIMIZER_NAME))
+        state = {"world_size": self.args.world_size, "engine": self._dppf_engine.state_dict()}
+        with open(os.path.join(worker, WORKER_STATE_NAME), "w") as f:
+            json.dump(state, f, indent=2)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """With DPPF, each worker loads its own optimizer state (and the shared scheduler) from a DPPF checkpoint."""
+        if not (self.dppf_enabled and checkpoint and os.path.isdir(self._dppf_worker_dir(checkpoint))):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        device = "cpu" if self.args.device.type == "cpu" else self.args.device
+        worker = self._dppf_worker_dir(checkpoint)
+        self.optimizer.load_state_dict(
+            torch.load(os.path.join(worker, WORKER_OPTIMIZER_NAME), map_location=device, weights_only=True)
+        )
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
