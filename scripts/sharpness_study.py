@@ -228,6 +228,7 @@ def kendall_table(rows: list[dict]) -> str:
 
 def scatter_plot(rows: list[dict], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     from scipy.stats import kendalltau
 
     fig = Figure(figsize=(11, 8.5))
@@ -241,6 +242,10 @@ def scatter_plot(rows: list[dict], path: Path, title: str) -> None:
         tau, _ = kendalltau([r[key] for r in rows], [r["acc_gap"] for r in rows])
         if all(r[key] > 0 for r in rows):
             ax.set_xscale("log")
+            # a log axis spanning a decade or two: label 1, 1.5, 2, 3, 5, 7 x 10^k in plain numbers
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(name)
         ax.set_ylabel("generalisation gap (train - test accuracy, %)")
         ax.set_title(f"{name}: Kendall tau = {tau:+.2f}")
