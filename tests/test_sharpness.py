@@ -527,6 +527,18 @@ def test_cli_sharpness_prints_the_values_of_the_python_api(saved, dataset, reque
     assert int(printed["capped walls"]) == expected.capped
 
 
+def cli_in_torchrun_process(rank: int, world_size: int, argv: list[str]) -> str:
+    return run_cli(argv)  # WORLD_SIZE etc. are set as torchrun would; the CLI joins the process group itself
+
+
+def test_cli_under_torchrun_splits_directions_and_rank_0_prints_the_single_process_table(tiny_saved_model):
+    argv = ["sharpness", "--model_name_or_path", str(tiny_saved_model), *DATA_FLAGS, "--num_directions", "3"]
+    outputs = run_distributed(cli_in_torchrun_process, 2, argv, init=False)
+
+    assert outputs[1] == ""
+    assert table_values(outputs[0]) == table_values(run_cli(argv))
+
+
 def test_cli_landscape_line_between_a_model_and_itself_is_flat(tiny_saved_model, tmp_path):
     png = tmp_path / "line.png"
     argv = ["landscape", "--model_name_or_path", str(tiny_saved_model), *DATA_FLAGS, "--points", "3"]
