@@ -6,6 +6,7 @@ interleaved order so that machine noise hits all methods alike:
 
 - `flat all-reduce`: one `all_reduce` of a single contiguous fp32 tensor as large as all the parameters (the floor);
 - `DPPFConsensus.round()`: the engine's full round (copy-in, bucketed all-reduce, norms, pull-push write-back);
+- `copy + bucketed all-reduce`: the part of the round that any method keeping each worker's own weights pays;
 - `accelerate LocalSGD`: accelerate's `LocalSGD` parameter averaging (one all-reduce per tensor).
 
 Run it directly (it spawns `--nproc` gloo processes on this machine) or under `torchrun` / `accelerate launch`.
@@ -64,6 +65,8 @@ def _bench(args: argparse.Namespace) -> str | None:
     methods: dict[str, Callable[[], object]] = {
         "flat all-reduce (floor)": lambda: dist.all_reduce(flat),
         "DPPFConsensus.round()": engine.round,
+        # what any round that keeps each worker's own weights must pay: copy in, bucketed all-reduce, divide
+        "copy + bucketed all-reduce (no pull-push)": lambda: engine._reduce(keep_average=True, norms=False),
     }
     if not args.skip_localsgd:
         from accelerate import Accelerator

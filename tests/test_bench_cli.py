@@ -28,7 +28,12 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
         m.group(1): float(m.group(2))
         for m in re.finditer(r"^\| (.+?) \| \d+ \| \d+ \| ([\d.]+)x \|$", out.read_text(), re.M)
     }
-    assert set(rows) == {"flat all-reduce (floor)", "DPPFConsensus.round()", "accelerate LocalSGD averaging"}
+    assert set(rows) == {
+        "flat all-reduce (floor)",
+        "DPPFConsensus.round()",
+        "copy + bucketed all-reduce (no pull-push)",
+        "accelerate LocalSGD averaging",
+    }
     assert rows["flat all-reduce (floor)"] == 1.0 and all(v > 0 for v in rows.values())
     assert "2 gloo processes" in out.read_text()
 
