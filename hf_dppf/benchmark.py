@@ -73,7 +73,9 @@ def _bench(args: argparse.Namespace) -> str | None:
         from accelerate.local_sgd import LocalSGD
 
         accelerator = Accelerator(cpu=True)
-        local_sgd = LocalSGD(accelerator, model, local_sgd_steps=1, enabled=True)
+        # its own copy: LocalSGD re-points `param.data` to new tensors at every call
+        twin = BertModel(BertConfig(**MODELS[args.model]))
+        local_sgd = LocalSGD(accelerator, twin, local_sgd_steps=1, enabled=True)
         methods["accelerate LocalSGD averaging"] = local_sgd._sync_and_avg_model_params
     times: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values():  # warm-up: allocations, gloo connections

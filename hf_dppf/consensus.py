@@ -201,12 +201,23 @@ class DPPFConsensus:
                 lists[-1].append(t)
             for (device, _, comm_dtype), lists in groups.items():
                 for ts in lists:
-                    comm = torch.empty(sum(t.numel() for t in ts), dtype=comm_dtype, device=device)
+                    comm = self._comm_buffer(len(buckets), sum(t.numel() for t in ts), comm_dtype, device)
                     buckets.append(_Bucket(is_param, [t.detach() for t in ts], comm))
         self._buckets, self._signature = buckets, signature
         self._scratch = None
         logger.debug("DPPF: %d buckets over %d tensors", len(buckets), len(params) + len(buffers))
         return buckets
+
+    def _comm_buffer(self, index: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """
+        Bucket `index`'s flat buffer. When only the tensors' storage moved (e.g. `param.data = ...`) and the layout did
+        not, the old buffer is kept: its pages are already mapped, a new one would fault them in again.
+        """
+        if index < len(self._buckets):
+            old = self._buckets[index].comm
+            if (old.numel(), old.dtype, old.device) == (numel, dtype, device):
+                return old
+        return torch.empty(numel, dtype=dtype, device=device)
 
     def _all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
         self.stats.bytes_communicated += tensor.numel() * tensor.element_size()
