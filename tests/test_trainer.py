@@ -516,9 +516,10 @@ def test_recipe_runs_under_both_launchers(launcher, tiny_classifier, tmp_path):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
         command += ["--main_process_port", port]
     command += [str(RECIPE), "--model_name_or_path", tiny_classifier, "--output_dir", str(tmp_path / "out")]
-    command += ["--use_cpu", "--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "32"]
+    command += ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "32"]
     command += ["--max_steps", "4", "--logging_steps", "2", "--dppf", "--dppf_tau", "2"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_CPU")  # the commands as in the README
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -526,3 +527,18 @@ def test_recipe_runs_under_both_launchers(launcher, tiny_classifier, tmp_path):
     assert "eval accuracy of the averaged model (DPPF)" in out and "(32 examples, 2 processes)" in out
     assert "'dppf/valley_width'" in out and "DPPF: 2 rounds" in out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def _not_distributed_trainer(rank: int, world_size: int) -> str:
+    os.environ.pop("ACCELERATE_USE_CPU")  # as under `accelerate launch` on a CPU machine without --use_cpu
+    args = make_args("unused", dppf=True, use_cpu=False, ddp_backend=None)
+    try:
+        DPPFTrainer(model=tiny_bert(seed=1), args=args, train_dataset=toy_data())
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+def test_dppf_refuses_a_trainer_that_does_not_run_distributed():
+    for message in run_distributed(_not_distributed_trainer, 2):
+        assert message.startswith("torch.distributed has 2 processes but the Trainer runs with world_size=1")
