@@ -11,13 +11,11 @@ run exactly. Without `--dppf` the classes are the stock `TrainingArguments` and 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,9 +24,8 @@ from safetensors.torch import load_model, save_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .accelerate import _inner_optimizer, initial_lr, lr_push_scale, restore_ddp, silence_ddp
-from .config import COMM_DTYPES, LAM_SCHEDULES, DPPFConfig
+from .arguments import DPPFArguments
 from .consensus import DPPFConsensus
-from .strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -39,60 +36,17 @@ WORKER_OPTIMIZER_NAME = "optimizer.pt"
 WORKER_STATE_NAME = "dppf_state.json"
 SCHEDULER_NAME = "scheduler.pt"  # the stock Trainer's file name: the schedule is the same on every worker
 
-# `DPPFConfig` field -> `TrainingArguments` field (and command-line flag). `lam` is a Python keyword elsewhere.
-_FLAG_NAMES = {"lam": "dppf_lambda"}
-_CHOICES = {"strategy": sorted(STRATEGIES), "lam_schedule": list(LAM_SCHEDULES), "comm_dtype": list(COMM_DTYPES)}
-
-
-def flag_name(config_field: str) -> str:
-    """The `DPPFTrainingArguments` field (and `--flag`) that sets `DPPFConfig.<config_field>`."""
-    return _FLAG_NAMES.get(config_field, f"dppf_{config_field}")
-
-
-def config_field_help() -> dict[str, str]:
-    """
-    The help text of every `DPPFConfig` field, read from the `Args:` section of its docstring (one source of truth for
-    the docs and `--help`), with the valid values appended for the fields that take a name.
-    """
-    doc = inspect.cleandoc(DPPFConfig.__doc__ or "").split("Args:", 1)[-1]
-    helps: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in doc.splitlines():
-        header = re.match(r"^ {4}(\w+) \(.*\):\s*$", line)
-        if header:
-            current = helps.setdefault(header.group(1), [])
-        elif current is not None and line.startswith(" " * 8):
-            current.append(line.strip())
-        elif line.strip():
-            current = None
-    out = {}
-    for f in fields(DPPFConfig):
-        text = " ".join(helps.get(f.name, [])) or f"DPPFConfig.{f.name}"
-        if f.name in _CHOICES:
-            text += f" Valid values: {', '.join(_CHOICES[f.name])}."
-        out[f.name] = text
-    return out
-
-
-_HELP = config_field_help()
-_DEFAULTS = {f.name: f.default for f in fields(DPPFConfig)}
-
-
-def _dppf_field(config_field: str) -> Any:
-    """A `TrainingArguments` field mirroring `DPPFConfig.<config_field>`: same default, help from its docstring."""
-    if _DEFAULTS[config_field] is MISSING:
-        raise TypeError(f"DPPFConfig.{config_field} has no default; every DPPF flag needs one.")
-    return field(default=_DEFAULTS[config_field], metadata={"help": f"[DPPF] {_HELP[config_field]}"})
-
 
 @dataclass
-class DPPFTrainingArguments(TrainingArguments):
+class DPPFTrainingArguments(DPPFArguments, TrainingArguments):
     """
-    `TrainingArguments` plus `--dppf` and one `--dppf_<field>` flag per `DPPFConfig` field (`lam` is `--dppf_lambda`).
+    `TrainingArguments` plus `--dppf` and one `--dppf_<field>` flag per `DPPFConfig` field (`lam` is `--dppf_lambda`),
+    from `DPPFArguments`.
 
-    The `DPPFConfig` is built (and validated) when the arguments are, so a bad value fails at argument parsing with
-    the config's message; it is available as `args.dppf_config`. With `dppf=True`, `average_tokens_across_devices` is
-    switched off: each worker trains on its own loss and nothing is exchanged between rounds.
+    The `DPPFConfig` is built (and validated) before the (slow) device set-up of `TrainingArguments`, so a bad value
+    fails at argument parsing with the config's message; it is available as `args.dppf_config`. With `dppf=True`,
+    `average_tokens_across_devices` is switched off: each worker trains on its own loss and nothing is exchanged
+    between rounds.
 
     Args:
         dppf (`bool`, defaults to `False`):
@@ -108,41 +62,11 @@ class DPPFTrainingArguments(TrainingArguments):
         ```
     """
 
-    dppf: bool = field(
-        default=False,
-        metadata={
-            "help": "[DPPF] Train with DPPF (Distributed Pull-Push Force): workers take local optimizer steps with no "
-            "gradient all-reduce and meet in a pull-push consensus round every --dppf_tau steps; evaluation and "
-            "saved models are the workers' average. Off: the stock Trainer (DDP)."
-        },
-    )
-    dppf_tau: int = _dppf_field("tau")
-    dppf_alpha: float = _dppf_field("alpha")
-    dppf_lambda: float | None = _dppf_field("lam")
-    dppf_width: float | None = _dppf_field("width")
-    dppf_lam_schedule: str = _dppf_field("lam_schedule")
-    dppf_strategy: str = _dppf_field("strategy")
-    dppf_warmup_steps: int = _dppf_field("warmup_steps")
-    dppf_bucket_mb: float = _dppf_field("bucket_mb")
-    dppf_comm_dtype: str = _dppf_field("comm_dtype")
-    dppf_eps: float = _dppf_field("eps")
-
     def __post_init__(self) -> None:
-        # Validate before the (slow) device set-up of TrainingArguments, so a typo fails at once.
-        self.dppf_config = self.build_dppf_config()
         if self.dppf and self.average_tokens_across_devices:
             # Gathering token counts would be a collective per step and would scale each worker's loss by the others'.
             self.average_tokens_across_devices = False
-        super().__post_init__()
-
-    def build_dppf_config(self) -> DPPFConfig:
-        """The `DPPFConfig` these arguments describe (raises `ValueError` naming the bad flag and the valid range)."""
-        try:
-            return DPPFConfig(**{f.name: getattr(self, flag_name(f.name)) for f in fields(DPPFConfig)})
-        except ValueError as err:
-            bad = re.match(r"DPPFConfig\.(\w+)=", str(err))
-            flag = f" (flag --{flag_name(bad.group(1))})" if bad else ""
-            raise ValueError(f"{err}{flag}") from err
+        super().__post_init__()  # DPPFArguments (builds the config), then TrainingArguments
 
 
 class _DPPFCallback(TrainerCallback):

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, Trainer, TrainerCallback
 
 from hf_dppf import DPPFConfig, DPPFTrainer, DPPFTrainingArguments
-from hf_dppf.trainer import DPPF_CHECKPOINT_DIR, config_field_help, flag_name
+from hf_dppf.arguments import config_field_help, flag_name
+from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "text_classification.py"
