@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -193,9 +194,12 @@ class DPPF:
         """The engine's statistics (`rounds`, `bytes_communicated`, `mean_distance`, `last_round_ms`, ...)."""
         return self.engine.stats if self.engine is not None else DPPFStats()
 
-    def averaged(self):
-        """Context manager: evaluate or save the workers' average inside it; each worker's weights come back after."""
-        return self.engine.averaged()
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """
+        Context manager: inside it every worker holds the workers' average (evaluate or save it); each worker's own
+        weights come back after. A collective: every rank must enter it. A no-op when DPPF is disabled.
+        """
+        return self.engine.averaged() if self.engine is not None else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict() if self.engine is not None else {}
