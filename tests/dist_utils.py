@@ -115,6 +115,14 @@ def _get(queue: Any, procs: list) -> tuple:
     return (-1, False, f"timed out after {TIMEOUT_S} s (a hang in a collective?)")
 
 
+def gather_workers(tensors: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor]]:
+    """Every rank's copy of `tensors`: `result[i][j]` is rank i's j-th tensor (what `simulate_round` takes)."""
+    out = [[torch.empty_like(t.contiguous()) for t in tensors] for _ in range(world_size)]
+    for j, t in enumerate(tensors):
+        dist.all_gather([w[j] for w in out], t.detach().contiguous())
+    return out
+
+
 @dataclass
 class CollectiveLog:
     """Every collective this process issued inside `count_collectives()`, as the profiler saw it."""

@@ -6,9 +6,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from dist_utils import count_collectives, run_distributed
+from dist_utils import count_collectives, gather_workers, run_distributed
 
 from hf_dppf import DPPF, DPPFConfig
 from hf_dppf.simulate import simulate_round
@@ -42,13 +41,6 @@ def reference_run(rank: int, steps: int) -> torch.nn.Module:
 
 def params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
-
-
-def gather(tensors: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor]]:
-    out = [[torch.empty_like(t) for t in tensors] for _ in range(world_size)]
-    for j, t in enumerate(tensors):
-        dist.all_gather([w[j] for w in out], t)
-    return out
 
 
 def _local_phase_and_round(rank: int, world_size: int) -> None:
@@ -85,12 +77,12 @@ def _local_phase_and_round(rank: int, world_size: int) -> None:
             ran = train(slice((TAU - 1) * ACCUM, TAU * ACCUM))
         assert ran == [False, True] and dppf.stats.rounds == 1, "the round follows the tau-th optimizer step"
         assert round_log.bytes == dppf.stats.bytes_communicated, "every byte sent belongs to the round"
-        expected = simulate_round(gather(params(reference_run(rank, TAU)), world_size), cfg)[rank]
+        expected = simulate_round(gather_workers(params(reference_run(rank, TAU)), world_size), cfg)[rank]
         for got, want in zip(model.module.parameters(), expected):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         before_exit = params(model.module)
     # on exit every worker holds the average of the workers
-    mean = [torch.stack(ts).mean(0) for ts in zip(*gather(before_exit, world_size))]
+    mean = [torch.stack(ts).mean(0) for ts in zip(*gather_workers(before_exit, world_size))]
     for got, want in zip(model.module.parameters(), mean):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
     assert model.require_backward_grad_sync, "DDP's gradient sync is restored after the block"

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist_utils import count_collectives, run_distributed
+from dist_utils import count_collectives, gather_workers, run_distributed
 
 from hf_dppf import DPPFConfig, DPPFConsensus
 from hf_dppf.simulate import distances_to_average, simulate_round
@@ -41,15 +40,6 @@ def trainable(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
-def gather(tensors: list[torch.Tensor], world_size: int) -> list[list[torch.Tensor]]:
-    out = []
-    for t in tensors:
-        parts = [torch.empty_like(t.contiguous()) for _ in range(world_size)]
-        dist.all_gather(parts, t.contiguous())
-        out.append(parts)
-    return [[parts[i] for parts in out] for i in range(world_size)]
-
-
 def _oracle_rounds(rank: int, world_size: int, config: DPPFConfig, rounds: int) -> dict:
     model = OddModel()
     model.randomise(seed=100 + rank)
@@ -63,8 +53,8 @@ def _oracle_rounds(rank: int, world_size: int, config: DPPFConfig, rounds: int) 
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.1 * torch.randn(p.shape, generator=g))
-        workers = gather(trainable(model), world_size)
-        buffers = gather([model.bn.running_mean.clone(), model.bn.running_var.clone()], world_size)
+        workers = gather_workers(trainable(model), world_size)
+        buffers = gather_workers([model.bn.running_mean.clone(), model.bn.running_var.clone()], world_size)
         expected = simulate_round(workers, config, push_scale=0.7)[rank]
         expected_dist = sum(distances_to_average(workers)) / world_size
         bytes_before = engine.stats.bytes_communicated
@@ -167,7 +157,7 @@ def _averaged_context(rank: int, world_size: int) -> None:
     model = OddModel()
     model.randomise(seed=rank)
     own = {k: v.clone() for k, v in model.state_dict().items()}
-    workers = gather(trainable(model), world_size)
+    workers = gather_workers(trainable(model), world_size)
     mean = [torch.stack(ts).mean(0) for ts in zip(*workers)]
     engine = DPPFConsensus(model, DPPFConfig())
     with engine.averaged():
