@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import count_collectives, free_port, run_distributed
+from dist_utils import count_collectives, free_port, gather_workers, run_distributed
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, Trainer, TrainerCallback
 
@@ -96,12 +96,12 @@ def to_numpy(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 def average_over_ranks(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The oracle average: every rank's tensors gathered, then averaged here (not by the engine)."""
-    out = {}
-    for name, t in weights.items():
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        out[name] = torch.stack(parts).mean(0) if t.is_floating_point() else t
-    return out
+    names = list(weights)
+    workers = gather_workers([weights[n] for n in names], dist.get_world_size())
+    return {
+        n: torch.stack([w[j] for w in workers]).mean(0) if weights[n].is_floating_point() else weights[n]
+        for j, n in enumerate(names)
+    }
 
 
 class SeenMixin:
