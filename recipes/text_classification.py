@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from hf_dppf import DPPFTrainer, DPPFTrainingArguments
-from hf_dppf.cli_sharpness import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
+from hf_dppf.data import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
 
 logger = logging.getLogger(__name__)
 

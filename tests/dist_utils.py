@@ -8,6 +8,7 @@ return value (rank order). An exception on any rank fails the test with that ran
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -58,6 +59,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank's traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        gc.collect()  # free DDP wrappers before their process group: gloo's teardown otherwise races at exit
         if dist.is_initialized():
             dist.destroy_process_group()
 
