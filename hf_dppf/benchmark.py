@@ -32,11 +32,30 @@ MODELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(MODELS), default="bert-base", help="model size (built from config)")
-    parser.add_argument("--nproc", type=int, default=2, help="processes to spawn when not launched by torchrun")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions of each method (median reported)")
-    parser.add_argument("--bucket_mb", type=float, default=25.0, help="DPPFConfig.bucket_mb for the engine")
-    parser.add_argument("--comm_dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="DPPFConfig.comm_dtype")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="bert-base",
+        help="model size, built from its config (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=2, help="processes to spawn when not launched by torchrun (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="timed repetitions of each method; medians are reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bucket_mb", type=float, default=25.0, help="DPPFConfig.bucket_mb of the engine (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--comm_dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="DPPFConfig.comm_dtype of the engine (default: %(default)s)",
+    )
     parser.add_argument("--skip_localsgd", action="store_true", help="do not time accelerate's LocalSGD")
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
 
