@@ -238,15 +238,14 @@ class DPPFConsensus:
         m = self.world_size
         for b in buckets:
             torch._foreach_copy_(b.views, b.tensors)
-            b.work = self._all_reduce(b.comm, async_op=True) if m > 1 else None
+            b.work = self._all_reduce(b.comm, async_op=True)
             b.holds_average = True
         partial_d: list[torch.Tensor] = []
         partial_a: list[torch.Tensor] = []
         for b in buckets:  # bucket k's math runs while buckets k+1, ... are still in flight
-            if b.work is not None:
-                b.work.wait()
-                b.work = None
-            if b.is_param and not keep_average and b.same_dtype and m > 1:
+            b.work.wait()
+            b.work = None
+            if b.is_param and not keep_average and b.same_dtype:
                 b.holds_average = False
                 for x, c in b.segments:
                     if norms:
@@ -255,8 +254,7 @@ class DPPFConsensus:
                     if norms:
                         partial_d.append(torch.linalg.vector_norm(c))  # M r_i
                 continue
-            if m > 1:
-                b.comm.div_(m)
+            b.comm.div_(m)
             if not (b.is_param and norms):
                 continue
             if self._scratch is None or self._scratch.device != b.comm.device:
@@ -287,7 +285,12 @@ class DPPFConsensus:
             raise ValueError(f"push_scale={push_scale!r} is invalid: it must be a finite number >= 0.")
         rule = STRATEGIES[strategy or self.config.strategy]
         start = time.perf_counter()
-        sq_d, sq_a = self._reduce(keep_average=not rule.pushes, norms=True)
+        if self.world_size == 1:  # the average is the worker itself: nothing moves and nothing is sent
+            params, _ = self._collect()
+            norms = torch._foreach_norm(params) if params else []
+            sq_d, sq_a = 0.0, sum(n.double().square().item() for n in norms)
+        else:
+            sq_d, sq_a = self._reduce(keep_average=not rule.pushes, norms=True)
         r, average_norm = math.sqrt(sq_d), math.sqrt(sq_a)
         lam = self.config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
         c = rule.coefficient(r, self.config.alpha, lam, self.config.eps)
@@ -337,8 +340,11 @@ class DPPFConsensus:
         """
         Temporarily give every worker the average (to evaluate or save the consensus model), then restore each
         worker's own weights exactly. A collective: every rank must enter it. Costs one all-reduce and a copy of the
-        weights; optimizer states are untouched.
+        weights; optimizer states are untouched. With M = 1 the worker is the average: nothing to do.
         """
+        if self.world_size == 1:
+            yield
+            return
         with torch.no_grad():
             buckets = self._ensure_buckets()
             backup = [[t.clone() for t in b.tensors] for b in buckets]
