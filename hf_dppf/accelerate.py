@@ -28,21 +28,32 @@ def initial_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(group.get("initial_lr", group["lr"]))
 
 
-def lr_push_scale(optimizer: torch.optim.Optimizer, lr0: float) -> float:
-    """`lr_t / lr_0` for the first parameter group (1.0 when `lr_0` is 0)."""
-    return float(optimizer.param_groups[0]["lr"]) / lr0 if lr0 else 1.0
-
-
-def silence_ddp(model: torch.nn.Module) -> dict[str, bool]:
+def lr_push_scale(config: DPPFConfig, optimizer: torch.optim.Optimizer, lr0: float) -> float:
     """
-    Switch off a `DistributedDataParallel` module's gradient all-reduce and forward buffer broadcast.
+    The `push_scale` of a round: `lr_t / lr_0` of the first parameter group under `lam_schedule="lr"` (1.0 when
+    `lr_0` is 0), 1.0 under `"constant"`.
+    """
+    if config.lam_schedule != "lr" or not lr0:
+        return 1.0
+    return float(optimizer.param_groups[0]["lr"]) / lr0
+
+
+def silence_ddp(model: torch.nn.Module, saved: dict[str, bool] | None = None) -> dict[str, bool]:
+    """
+    Switch off a `DistributedDataParallel` module's gradient all-reduce and forward buffer broadcast. Call it again at
+    every step: `accelerator.trigger_sync_in_backward` and friends set the flags back to True.
+
+    Args:
+        model (`torch.nn.Module`): the (possibly DDP-wrapped) model.
+        saved (`dict[str, bool]`, *optional*): what an earlier call returned; kept, so `restore_ddp` gets the flags
+            as they were before the first call.
 
     Returns:
-        `dict[str, bool]`: the flags as they were, for `restore_ddp` (empty when `model` is not DDP-wrapped).
+        `dict[str, bool]`: the original flags, for `restore_ddp` (empty when `model` is not DDP-wrapped).
     """
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return {}
-    flags = {
+    flags = saved or {
         "require_backward_grad_sync": model.require_backward_grad_sync,
         "require_forward_param_sync": model.require_forward_param_sync,
     }
@@ -116,10 +127,7 @@ class DPPF:
     # ------------------------------------------------------------------ DDP silencing
     def _silence_ddp(self) -> None:
         """Switch off DDP's gradient all-reduce and buffer broadcast (restored on exit)."""
-        # Re-asserted at every step: `accelerator.trigger_sync_in_backward` and friends set them back to True.
-        flags = silence_ddp(self.model)
-        if not self._ddp_flags:
-            self._ddp_flags = flags
+        self._ddp_flags = silence_ddp(self.model, self._ddp_flags)
 
     def _restore_ddp(self) -> None:
         restore_ddp(self.model, self._ddp_flags)
@@ -160,14 +168,12 @@ class DPPF:
 
     # ------------------------------------------------------------------ steps
     def _push_scale(self) -> float:
-        if self.config.lam_schedule != "lr":
-            return 1.0
-        if self.optimizer is None:
-            if not self._warned_schedule:
-                logger.warning("DPPF: lam_schedule='lr' needs the optimizer (pass it to DPPF); push kept constant.")
-                self._warned_schedule = True
-            return 1.0
-        return lr_push_scale(self.optimizer, self._lr0)
+        if self.optimizer is not None:
+            return lr_push_scale(self.config, self.optimizer, self._lr0)
+        if self.config.lam_schedule == "lr" and not self._warned_schedule:
+            logger.warning("DPPF: lam_schedule='lr' needs the optimizer (pass it to DPPF); push kept constant.")
+            self._warned_schedule = True
+        return 1.0
 
     def _on_optimizer_step(self) -> None:
         self._silence_ddp()

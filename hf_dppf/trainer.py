@@ -173,9 +173,7 @@ class DPPFTrainer(Trainer):
         return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, f"rank{self.args.process_index}")
 
     def _dppf_silence(self) -> None:
-        flags = silence_ddp(self.model_wrapped)
-        if not self._dppf_ddp_flags:
-            self._dppf_ddp_flags = flags
+        self._dppf_ddp_flags = silence_ddp(self.model_wrapped, self._dppf_ddp_flags)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         """After the stock preparation (DDP wrap, optimizer, scheduler, checkpoint): start the DPPF engine."""
@@ -213,11 +211,8 @@ class DPPFTrainer(Trainer):
         # Called on every rank right after each optimizer step (before the scheduler's), whether or not a grad scaler
         # skipped it on some rank, so all ranks count the same steps and meet in the same rounds.
         self._dppf_in_sync = False
-        config = self.args.dppf_config
-        push_scale = (
-            lr_push_scale(_inner_optimizer(self.optimizer), self._dppf_lr0) if config.lam_schedule == "lr" else 1.0
-        )
-        self._dppf_engine.step(push_scale)
+        optimizer = _inner_optimizer(self.optimizer)
+        self._dppf_engine.step(lr_push_scale(self.args.dppf_config, optimizer, self._dppf_lr0))
 
     def _dppf_finish(self) -> None:
         """End of `train()`: every worker takes the average, which is the model the run produces."""
