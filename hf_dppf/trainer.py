@@ -52,8 +52,8 @@ class DPPFTrainingArguments(DPPFArguments, TrainingArguments):
         dppf (`bool`, defaults to `False`):
             Train with DPPF: local steps without gradient all-reduce, a consensus round every `dppf_tau` optimizer
             steps; evaluate and save the workers' average. `False` is the stock `Trainer` (DDP).
-        dppf_tau, dppf_alpha, dppf_lambda, dppf_width, dppf_lam_schedule, dppf_strategy, dppf_warmup_steps,
-        dppf_bucket_mb, dppf_comm_dtype, dppf_eps:
+        dppf_tau, dppf_alpha, dppf_lambda, dppf_width, dppf_lam_schedule, dppf_strategy, dppf_beta,
+        dppf_warmup_steps, dppf_bucket_mb, dppf_comm_dtype, dppf_eps:
             The `DPPFConfig` fields `tau`, `alpha`, `lam`, `width`, ... (see `hf_dppf.DPPFConfig`).
 
     Example:
