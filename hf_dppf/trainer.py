@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .accelerate import _inner_optimizer, initial_lr, lr_push_scale, restore_ddp, silence_ddp
@@ -34,6 +34,7 @@ DPPF_CHECKPOINT_DIR = "dppf"
 WORKER_WEIGHTS_NAME = "model.safetensors"
 WORKER_OPTIMIZER_NAME = "optimizer.pt"
 WORKER_STATE_NAME = "dppf_state.json"
+WORKER_CENTRE_NAME = "centre.safetensors"  # easgd's centre variable (engine state that is tensors)
 SCHEDULER_NAME = "scheduler.pt"  # the stock Trainer's file name: the schedule is the same on every worker
 
 
@@ -99,10 +100,14 @@ class DPPFTrainer(Trainer):
       average, computed without touching the workers' own weights or optimizer states. After `train()` every worker
       holds the average, which is the model the run produces.
     - A checkpoint also holds, under `dppf/rank{r}/`, worker r's own weights (safetensors), optimizer state and engine
-      state, next to the stock per-rank RNG files and the scheduler, so `resume_from_checkpoint` continues exactly
-      (same number of processes required). A stock DDP checkpoint resumes too: every worker starts from it.
+      state (easgd's centre variable in `centre.safetensors`), next to the stock per-rank RNG files and the
+      scheduler, so `resume_from_checkpoint` continues exactly (same number of processes required). A stock DDP
+      checkpoint resumes too: every worker starts from it.
     - `dppf/valley_width`, `dppf/bytes`, `dppf/round_ms`, `dppf/rounds`, ... are added to the training logs, so they
       reach every `report_to` integration and the progress bar.
+    - The baselines get what they need from the stock loop: `lsgd` the loss of every micro-batch as `training_step`
+      returns it (the value the Trainer logs), `grawa` the gradient norm the Trainer computes before clipping (the
+      logged `grad_norm`; after clipping every norm above `max_grad_norm` would be the same and the weights equal).
 
     `evaluate`, `predict` and `save_model` are collectives while the workers differ: call them on every process, as
     the stock scripts do.
@@ -143,6 +148,13 @@ class DPPFTrainer(Trainer):
             raise ImportError(
                 f"--dppf needs a transformers release whose Trainer has _prepare_for_training (tested: 5.24); "
                 f"found {transformers.__version__}."
+            )
+        if not hasattr(Trainer, "_get_grad_norm"):  # where grawa's gradient norm is read (transformers 5)
+            import transformers
+
+            raise ImportError(
+                f"--dppf needs a transformers release whose Trainer has _get_grad_norm (tested: 5.24); found "
+                f"{transformers.__version__}."
             )
         if not isinstance(self.args, DPPFTrainingArguments):
             raise TypeError(f"args.dppf needs a DPPFTrainingArguments, got {type(self.args).__name__}.")
@@ -198,6 +210,9 @@ class DPPFTrainer(Trainer):
                     "average instead, load the checkpoint folder as the model (from_pretrained) without resuming."
                 )
             load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))  # copied into the params in place
+            centre = os.path.join(worker, WORKER_CENTRE_NAME)
+            if os.path.isfile(centre):
+                saved["engine"]["centre"] = load_file(centre)
             self._dppf_engine.load_state_dict(saved["engine"])
         elif checkpoint is not None:
             logger.warning(
@@ -213,6 +228,20 @@ class DPPFTrainer(Trainer):
         self._dppf_in_sync = False
         optimizer = _inner_optimizer(self.optimizer)
         self._dppf_engine.step(lr_push_scale(self.args.dppf_config, optimizer, self._dppf_lr0))
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        """The stock step; with DPPF its loss is fed to the engine (`lsgd` elects the lowest-loss worker)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._dppf_engine is not None:
+            self._dppf_engine.observe(loss=loss)
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """The stock gradient norm (before clipping); with DPPF it is fed to the engine (`grawa` weighs by it)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self._dppf_engine is not None and grad_norm is not None:
+            self._dppf_engine.observe(grad_norm=grad_norm)
+        return grad_norm
 
     def _dppf_finish(self) -> None:
         """End of `train()`: every worker takes the average, which is the model the run produces."""
@@ -265,7 +294,11 @@ class DPPFTrainer(Trainer):
         os.makedirs(worker, exist_ok=True)
         save_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME), force_contiguous=True)
         torch.save(self.optimizer.state_dict(), os.path.join(worker, WORKER_OPTIMIZER_NAME))
-        state = {"world_size": self.args.world_size, "engine": self._dppf_engine.state_dict()}
+        engine = self._dppf_engine.state_dict()
+        centre = engine.pop("centre", {})
+        if centre:
+            save_file({k: v.contiguous() for k, v in centre.items()}, os.path.join(worker, WORKER_CENTRE_NAME))
+        state = {"world_size": self.args.world_size, "engine": engine}
         with open(os.path.join(worker, WORKER_STATE_NAME), "w") as f:
             json.dump(state, f, indent=2)
         if self.args.should_save:

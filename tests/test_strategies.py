@@ -24,7 +24,7 @@ EXTRA_CALLS = {"easgd": 0, "lsgd": 1, "grawa": 1}
 
 
 def fed_values(rank: int, world_size: int, k: int) -> list[tuple[float, float]]:
-    """What worker `rank` feeds `observe()` before round `k`: three (loss, grad_norm) pairs, a function of (rank, k)."""
+    """What worker `rank` feeds `observe()` before round `k`: three (loss, grad_norm) pairs, set by (rank, k)."""
     if k == 1:  # a tie: every rank but 0 has the lowest loss, so the lowest of them (rank 1) leads
         return [(2.0 if rank == 0 else 1.0, 1.0 + rank)] * 3
     g = torch.Generator().manual_seed(10 * k + rank)
@@ -99,3 +99,144 @@ def test_engine_matches_oracle(oracle_runs: list[dict[str, dict]], strategy: str
     for r in (ranks[strategy] for ranks in oracle_runs):
         assert r["worst"] <= 1e-6, r
         assert r["buckets"] >= 3 and r["rounds"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------- closed forms
+
+
+def _easgd_closed_form(rank: int, world_size: int, alpha: float, beta: float, rounds: int, tmp: str) -> dict:
+    """Zero learning rate, a centre z0 away from the average: the recurrences in closed form, then a resume."""
+    torch.manual_seed(rank)
+    params = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(5))]
+    z0 = [torch.randn(p.shape, generator=torch.Generator().manual_seed(99)) for p in params]  # the same on every rank
+    config = DPPFConfig(strategy="easgd", alpha=alpha, beta=beta)
+    engine = DPPFConsensus(params, config)
+    engine.load_state_dict({"format": 1, "stats": {}, "centre": {"0": z0[0], "1": z0[1]}})
+    x0 = [p.detach().double().clone() for p in params]
+    avg0 = [torch.stack(ts).mean(0) for ts in zip(*gather_workers(x0, world_size))]
+    worst, ratios = 0.0, []
+    for k in range(1, rounds + 1):
+        stats = engine.round()
+        ratios.append(stats.mean_distance / stats.distance_before)
+        # b x_A + a z is invariant, e = x_A - z shrinks by (1 - a - b), d_i = x_i - x_A by (1 - a)
+        centres = engine.state_dict()["centre"]
+        for j, (p, x, a0, z) in enumerate(zip(params, x0, avg0, z0)):
+            z = z.double()
+            invariant, e = beta * a0 + alpha * z, (1 - alpha - beta) ** k * (a0 - z)
+            avg_k, z_k = (invariant + alpha * e) / (alpha + beta), (invariant - beta * e) / (alpha + beta)
+            x_k = avg_k + (1 - alpha) ** k * (x - a0)
+            worst = max(worst, (p.detach() - x_k).abs().max().item(), (centres[str(j)] - z_k).abs().max().item())
+    # Exact resume: the state goes through safetensors, into a fresh engine whose buckets are built on new storage.
+    state = engine.state_dict()
+    save_file(state.pop("centre"), f"{tmp}/centre{rank}.safetensors")
+    state["centre"] = load_file(f"{tmp}/centre{rank}.safetensors")
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = DPPFConsensus(copies, config)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        engine.round()
+    resumed.round()
+    with torch.no_grad():  # re-point the storage between rounds: the buckets are rebuilt, the centre must survive
+        for p in copies:
+            p.data = p.data.clone()
+    resumed.round()
+    same_params = all(torch.equal(a, b) for a, b in zip(params, copies))
+    centre, centre_resumed = engine.state_dict()["centre"], resumed.state_dict()["centre"]
+    same_centre = centre.keys() == centre_resumed.keys() and all(
+        torch.equal(centre[k], centre_resumed[k]) for k in centre
+    )
+    return {"worst": worst, "ratios": ratios, "resume_exact": same_params and same_centre}
+
+
+def test_easgd_closed_form_and_exact_resume(tmp_path) -> None:
+    alpha, beta = 0.3, 0.5
+    for r in run_distributed(_easgd_closed_form, 2, alpha, beta, 12, str(tmp_path)):
+        assert r["worst"] <= 1e-6, r
+        assert all(math.isclose(q, 1 - alpha, rel_tol=1e-6) for q in r["ratios"]), r["ratios"]
+        assert r["resume_exact"]
+
+
+def _lsgd_and_grawa(rank: int, world_size: int) -> dict:
+    torch.manual_seed(rank)
+    x0 = [torch.randn(6, 4), torch.randn(3)]
+    workers = gather_workers(x0, world_size)
+    out = {}
+    # lsgd: the leader does not move (bit for bit), the others are pulled toward its weights
+    params = [torch.nn.Parameter(t.clone()) for t in x0]
+    engine = DPPFConsensus(params, DPPFConfig(strategy="lsgd", alpha=0.25))
+    for loss in [5.0, 0.0] if rank == 1 else [3.0 - rank]:  # means: rank 0: 3, rank 1: 2.5, rank 2: 1
+        engine.observe(loss=loss)
+    leaders = [engine.round().leader]
+    moved = [(p.detach() - t).abs().max().item() for p, t in zip(params, x0)]
+    expect = [t - 0.25 * (t - lt) for t, lt in zip(x0, workers[2])]
+    out["lsgd_pull"] = max((p.detach() - e).abs().max().item() for p, e in zip(params, expect))
+    out["lsgd_leader_moved"] = max(moved) if rank == 2 else None
+    engine.observe(loss=float("nan") if rank == 2 else 4.0 - rank)  # NaN never leads: rank 1 (3.0) does
+    leaders.append(engine.round().leader)
+    leaders.append(engine.round().leader)  # nothing new observed: the last round's losses still hold
+    engine.observe(loss=1.0)  # a tie: the lowest rank leads
+    leaders.append(engine.round().leader)
+    out["leaders"] = leaders
+    # grawa with equal gradient norms is the plain pull toward the average: the dppf rule with lam = 0
+    grawa = DPPFConfig(strategy="grawa", alpha=0.4)
+    params = [torch.nn.Parameter(t.clone()) for t in x0]
+    engine = DPPFConsensus(params, grawa)
+    engine.observe(grad_norm=2.0)
+    engine.round()
+    plain = simulate_round(workers, DPPFConfig(strategy="dppf", alpha=0.4, lam=0.0))[rank]
+    out["grawa_equal"] = max((p.detach() - e).abs().max().item() for p, e in zip(params, plain))
+    # weights 1 / ||g||: norms 1, 3 and inf give the centre (3 x_0 + x_1) / 4; the infinite norm has no weight
+    params = [torch.nn.Parameter(t.clone()) for t in x0]
+    engine = DPPFConsensus(params, grawa)
+    engine.observe(grad_norm=torch.tensor([1.0, 3.0, math.inf][rank]))
+    engine.round()
+    centre = [(3 * a + b) / 4 for a, b in zip(workers[0], workers[1])]
+    expect = [t - 0.4 * (t - c) for t, c in zip(x0, centre)]
+    out["grawa_weighted"] = max((p.detach() - e).abs().max().item() for p, e in zip(params, expect))
+    return out
+
+
+def test_lsgd_leader_and_grawa_weights_closed_form() -> None:
+    for rank, r in enumerate(run_distributed(_lsgd_and_grawa, 3)):
+        assert r["leaders"] == [2, 1, 1, 0], r["leaders"]
+        assert r["lsgd_pull"] <= 1e-6 and r["grawa_equal"] <= 1e-6 and r["grawa_weighted"] <= 1e-6, r
+        if rank == 2:
+            assert r["lsgd_leader_moved"] == 0.0, "the leader keeps its weights bit for bit"
+
+
+def test_scalar_rules() -> None:
+    assert leader_rank([3.0, 1.0, 1.0]) == 1 and leader_rank([math.nan, 2.0]) == 1 and leader_rank([math.inf]) == 0
+    assert grawa_weight(3.0, 1e-12) == pytest.approx(1 / 3) and grawa_weight(math.nan, 1e-12) == 0.0
+    for name in ("easgd", "lsgd", "grawa"):
+        s = STRATEGIES[name]
+        assert s.coefficient(1.0, 0.3, 0.0, 1e-12) == pytest.approx(0.7) and not s.pushes and s.description
+
+
+def test_lsgd_without_a_loss_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    engine = DPPFConsensus(torch.nn.Linear(2, 2), DPPFConfig(strategy="lsgd", tau=1))
+    with pytest.raises(RuntimeError, match=r"observe\(loss=\.\.\.\)"):
+        engine.step()
+    engine.observe(grad_norm=1.0)  # not what lsgd uses: dropped, still no loss
+    with pytest.raises(RuntimeError, match="loss"):
+        engine.round()
+    engine.observe(loss=0.5)
+    assert engine.step() and engine.stats.rounds == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": "easgd", "beta": 0.0}, r"beta=0\.0 is invalid: beta must be None or a number in \(0, 1\]"),
+        ({"strategy": "dppf", "beta": 0.5}, "would be ignored by strategy='dppf'"),
+        ({"strategy": "lsgd", "width": 0.01}, "strategy='lsgd' does not push"),
+        ({"strategy": "easgd", "lam": 0.1}, "strategy='easgd' does not push"),
+        ({"strategy": "grawa", "eps": 0.0}, r"eps=0\.0 is invalid: eps must be a finite number > 0"),
+    ],
+)
+def test_config_rejects_settings_the_strategy_ignores(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DPPFConfig(**kwargs)
+    assert (
+        DPPFConfig(strategy="easgd").moving_rate == 0.9 and DPPFConfig(strategy="easgd", beta=0.2).moving_rate == 0.2
+    )
