@@ -26,7 +26,7 @@ from hf_dppf.strategies import STRATEGIES, grawa_weight, leader_rank
 from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
 
 # Bytes a round sends on top of the parameters, buffers and the 16-byte distance statistics (M workers).
-EXTRA_BYTES = {"easgd": lambda m: 0, "lsgd": lambda m: 8 * m, "grawa": lambda m: 8}
+EXTRA_BYTES = {"easgd": lambda m: 0, "lsgd": lambda m: 8 * m, "grawa": lambda m: 8 * m}
 EXTRA_CALLS = {"easgd": 0, "lsgd": 1, "grawa": 1}
 
 
@@ -205,13 +205,51 @@ def _lsgd_and_grawa(rank: int, world_size: int) -> dict:
     centre = [(3 * a + b) / 4 for a, b in zip(workers[0], workers[1])]
     expect = [t - 0.4 * (t - c) for t, c in zip(x0, centre)]
     out["grawa_weighted"] = gap(weights, expect)
+    out["nonfinite"] = _nonfinite_workers(rank, x0, workers)
     return out
 
 
-def test_lsgd_leader_and_grawa_weights_closed_form() -> None:
+def _nonfinite_workers(rank: int, x0: list[torch.Tensor], workers: list[list[torch.Tensor]]) -> dict[str, float]:
+    """
+    One worker holds NaN weights: it is never the leader and has no weight, takes the centre (re-seeded), and the
+    healthy workers do the round among themselves.
+    """
+    out = {}
+    healthy_avg = {
+        bad: [sum(w[j] for i, w in enumerate(workers) if i != bad) / 2 for j in range(2)] for bad in (0, 1, 2)
+    }
+    cases = {
+        # rank 0 has the lowest loss but NaN weights: rank 1 (next lowest) leads
+        "lsgd": (DPPFConfig(strategy="lsgd", alpha=0.25), 0, {"loss": [0.0, 1.0, 2.0][rank]}, workers[1]),
+        # rank 1 is NaN: the centre is (x_0 / 1 + x_2 / 3) / (1 + 1/3)
+        "grawa": (
+            DPPFConfig(strategy="grawa", alpha=0.4),
+            1,
+            {"grad_norm": [1.0, 1.0, 3.0][rank]},
+            [(3 * a + b) / 4 for a, b in zip(workers[0], workers[2])],
+        ),
+        # rank 2 is NaN: the centre variable starts at the healthy workers' average
+        "easgd": (DPPFConfig(strategy="easgd", alpha=0.3), 2, {}, healthy_avg[2]),
+    }
+    for name, (config, bad, feed, centre) in cases.items():
+        weights = [torch.nn.Parameter(t.clone()) for t in x0]
+        if rank == bad:
+            with torch.no_grad():
+                weights[0][0, 0] = math.nan
+        engine = DPPFConsensus(weights, config)
+        engine.observe(**feed)
+        stats = engine.round()
+        expect = centre if rank == bad else [t - config.alpha * (t - c) for t, c in zip(x0, centre)]
+        out[name] = gap(weights, expect)
+        assert stats.reseeded_workers == 1 and engine.last_reseeded == (rank == bad), (name, stats)
+    return out
+
+
+def test_lsgd_leader_grawa_weights_and_nonfinite_workers_closed_form() -> None:
     for rank, r in enumerate(run_distributed(_lsgd_and_grawa, 3)):
         assert r["leaders"] == [2, 1, 1, 0], r["leaders"]
         assert r["lsgd_pull"] <= 1e-6 and r["grawa_equal"] <= 1e-6 and r["grawa_weighted"] <= 1e-6, r
+        assert all(v <= 1e-6 for v in r["nonfinite"].values()), r["nonfinite"]
         if rank == 2:
             assert r["lsgd_leader_moved"] == 0.0, "the leader keeps its weights bit for bit"
 
