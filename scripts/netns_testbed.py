@@ -30,7 +30,6 @@ Every worker process gets `GLOO_SOCKET_IFNAME` (its link) and `OMP_NUM_THREADS=1
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -44,6 +43,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trainer_logs import parse_metrics  # noqa: E402 (a sibling script, not a package)
 
 PREFIX = "dppftb"
 SUBNET = "10.213.0"  # private addresses; they exist only inside the testbed's namespaces
@@ -279,22 +281,6 @@ class RunResult:
     wall_s: float
     evaluations: list[tuple[float, dict]]
     log_dir: str
-
-
-_METRICS_LINE = re.compile(r"\{[^{}]*'eval_[^{}]*\}")
-
-
-def parse_metrics(line: str) -> dict | None:
-    """The metrics dict the `Trainer` prints for an evaluation (`{'eval_loss': ..., 'eval_accuracy': ...}`), if any."""
-    match = _METRICS_LINE.search(line)
-    if match is None:
-        return None
-    text = re.sub(r"np\.float\d*\(([^()]*)\)", r"\1", match.group(0))  # numpy scalars print as np.float64(x)
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def launch(
