@@ -27,6 +27,7 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 
 from hf_dppf import DPPFConfig, DPPFTrainer, DPPFTrainingArguments
 from hf_dppf.arguments import config_field_help, flag_name
+from hf_dppf.consensus import FINGERPRINT_BYTES
 from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,9 +351,10 @@ def test_dppf_logs_through_the_trainer(three_runs):
         assert log["dppf/rounds"] == 2
         assert log["dppf/valley_width"] > 0
         # Bytes: rounds after steps 2 and 4 (weights + 16 bytes of distances), the averaged evaluation after step 3
-        # (weights); the final log adds the averaged evaluation the Trainer runs after the last step.
+        # (weights), the engine's start-up fingerprint; the final log adds the averaged evaluation the Trainer runs
+        # after the last step.
         weights = rank["param_bytes"]
-        assert log["dppf/bytes"] == 2 * (weights + 16) + weights
+        assert log["dppf/bytes"] == 2 * (weights + 16) + weights + FINGERPRINT_BYTES
         final = [e for e in rank["dppf"]["logs"] if "train_loss" in e][0]
         assert final["dppf/bytes"] == log["dppf/bytes"] + weights and final["dppf/rounds"] == 2
 
