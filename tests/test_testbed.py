@@ -120,3 +120,28 @@ def test_refuses_bad_rates_and_sizes(testbed_module):
         tb.parse_rate("100mb")
     with pytest.raises(ValueError, match=r"--workers=1 is invalid: it must be in \[2, 200\]"):
         tb.Testbed(1, RATE)
+
+
+def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
+    # rank 0 "evaluates" twice, 1.5 s apart, each evaluation reporting 1.0 s of eval_runtime: 0.5 s of training between
+    tb = testbed_module
+    script = tmp_path / "evaluations.py"
+    script.write_text(
+        "import os, time\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    print({'eval_accuracy': '0.5', 'eval_runtime': '1.0'}, flush=True); time.sleep(1.5)\n"
+        "    print({'eval_accuracy': '0.95', 'eval_runtime': '1.0'}, flush=True)\n"
+    )
+    with tb.Testbed(2, RATE) as testbed:
+        result = tb.launch(testbed, [sys.executable, str(script)], launcher="env", echo=False, timeout_s=60)
+    assert result.returncodes == [0, 0]
+    (t1, first), (t2, second) = result.evaluations
+    assert (first["eval_accuracy"], second["eval_accuracy"]) == (0.5, 0.95)
+    assert 0.45 <= t2 - t1 <= 1.0  # 1.5 s of wall time less the second evaluation's 1.0 s
+    assert tb.time_to_target(result.evaluations, "eval_accuracy", 0.9) == t2
+    assert tb.time_to_target(result.evaluations, "eval_accuracy", 0.99) is None
+    row = {"rate": RATE, "measured_mbit_s": None, "method": "x", "returncodes": [0, 1], "wall_s": 3.0,
+           "time_to_target_s": None, "final": 0.95}  # fmt: skip
+    assert "| 50mbit | x | not reached | 0.9500 | 3 (failed: exit codes [0, 1]) |" in tb.compare_table(
+        [row], "eval_accuracy", 0.9
+    )
