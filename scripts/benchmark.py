@@ -78,6 +78,24 @@ def method_flags(method: str, tau: int) -> list[str]:
     return flags + (["--sam_rho", str(SAM_RHO)] if extra == "sam" else [])
 
 
+def settings_note(methods: list[str], tau: int) -> list[str]:
+    """One line per consensus strategy in `methods`: the `DPPFConfig` it runs with (every field, defaults included)."""
+    from hf_dppf import DPPFConfig
+
+    notes = []
+    for strategy in dict.fromkeys(m.partition("+")[0] for m in methods):
+        if strategy in STRATEGIES:
+            config = DPPFConfig(strategy=strategy, tau=tau)
+            in_force = {"width in force": config.push_width}
+            if strategy == "easgd":
+                in_force["beta in force"] = config.moving_rate
+            extra = "".join(f"; {name} {value}" for name, value in in_force.items() if value is not None)
+            notes.append(f"- {strategy}: `{config!r}`{extra}")
+    if any(m == "sam" or m.endswith("+sam") for m in methods):
+        notes.append(f"- sam: rho {SAM_RHO} (Foret et al. 2021's default), two forward/backward passes per step")
+    return notes
+
+
 @dataclass
 class Run:
     """One training run: a method, a seed, its folder and command."""
@@ -315,10 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--imv_args",
         default=None,
-        help="Flags for `hf-dppf sharpness` (default: the recipe's data, --max_samples 128 --num_directions 4).",
+        help="Flags for `hf-dppf sharpness` (default: the recipe's data, --max_samples 128 --num_directions 8).",
     )
     parser.add_argument("--timeout", type=float, default=None, help="Kill a run after this many seconds.")
-    parser.add_argument("--reuse", action="store_true", help="Skip runs whose results.json already exists.")
+    parser.add_argument("--reuse", action="store_true", help="Reuse the runs (and IMVs) already in --output_dir.")
     parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help="-- then flags every run gets (the budget).")
     return parser
 
@@ -335,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     imv_args = (
         args.imv_args.split()
         if args.imv_args is not None
-        else [*RECIPE_IMV_ARGS.get(recipe, []), "--max_samples", "128", "--num_directions", "4"]
+        else [*RECIPE_IMV_ARGS.get(recipe, []), "--max_samples", "128", "--num_directions", "8"]
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +366,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 wall_s = execute(run, args.timeout)
                 wall_file.write_text(str(wall_s))
-            imv = measure_imv(run, imv_args, args.timeout) if args.imv else None
+            if not args.imv:
+                imv = None
+            elif args.reuse and (run.folder / "imv.json").exists():
+                imv = json.loads((run.folder / "imv.json").read_text())
+            else:
+                imv = measure_imv(run, imv_args, args.timeout)
             rows.append(collect(run, wall_s, imv, metric))
             print(f"{run.method} seed {run.seed}: {metric}={rows[-1]['metric']} in {wall_s:.0f} s", flush=True)
         except (RuntimeError, subprocess.TimeoutExpired, FileNotFoundError) as error:
@@ -369,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- IMV: `hf-dppf sharpness {' '.join(imv_args)}` on each run's final model"
             if args.imv
             else "- IMV: not measured (--no_imv)",
+            "- method settings (the documented defaults, `--method_flags` overrides them; the recipe's optimizer, "
+            "learning-rate schedule and batch size for all):",
+            *settings_note(args.methods, args.tau),
             *(f"- FAILED: {f}" for f in failures),
         ]
     )
