@@ -416,6 +416,7 @@ class DPPFConsensus:
         Returns:
             `bool`: whether this worker was re-seeded (its optimizer state is stale: the integrations reset it).
         """
+        self.last_reseeded = False
         if self.world_size == 1:
             if not self._local_finite():
                 raise RuntimeError("DPPF: the only worker's weights hold NaN/Inf; there is nothing to re-seed from.")

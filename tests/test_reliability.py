@@ -7,20 +7,50 @@ Oracles: `simulate_round` over the healthy workers, explicit averages, the engin
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import gc
+import logging
 import os
+import pickle
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import gather_workers, run_distributed
+import torch.distributed as dist
+from dist_utils import free_port, gather_workers, run_distributed
+from safetensors.torch import load_file
 from test_engine import OddModel, trainable
+from trainer_fixtures import make_args, tiny_bert, toy_data
+from transformers import HfArgumentParser, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from hf_dppf import DPPFConfig, DPPFConsensus
+from hf_dppf import DPPFConfig, DPPFConsensus, DPPFTrainer, DPPFTrainingArguments, cli
+from hf_dppf.arguments import flag_name
 from hf_dppf.consensus import FINGERPRINT_BYTES
 from hf_dppf.simulate import distances_to_average, simulate_round
 
 BAD = 2  # the rank whose weights go bad in the non-finite tests
+
+# Every DPPFConfig field with values it must refuse (a new field without an entry fails the coverage test).
+BAD_VALUES: dict[str, list] = {
+    "tau": [0, -3, 1.5, True],
+    "alpha": [0, 1.5, float("nan")],
+    "lam": [-1.0, float("inf")],
+    "width": [-0.1, float("nan")],
+    "lam_schedule": ["cosine"],
+    "strategy": ["sam"],
+    "warmup_steps": [-1, 2.5],
+    "bucket_mb": [0, -1.0, float("inf")],
+    "comm_dtype": ["int8"],
+    "eps": [-1e-9],
+    "nonfinite_policy": ["ignore"],
+    "timeout_s": [0, -5.0, float("nan")],
+}
 
 
 def _error(fn) -> str:
@@ -28,6 +58,69 @@ def _error(fn) -> str:
     with pytest.raises(RuntimeError) as info:
         fn()
     return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------- bad settings
+
+
+def test_every_config_field_refuses_its_bad_values_naming_field_value_and_range() -> None:
+    assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(DPPFConfig)}, "a field has no bad-value test"
+    for name, values in BAD_VALUES.items():
+        for value in values:
+            with pytest.raises(ValueError, match=rf"DPPFConfig\.{name}=.* is invalid: {name} must be \S+"):
+                DPPFConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_every_trainer_flag_refuses_a_bad_value_at_parsing(name: str) -> None:
+    flag = f"--{flag_name(name)}"
+    value = str(BAD_VALUES[name][0])
+    parser = HfArgumentParser(DPPFTrainingArguments)
+    with pytest.raises(ValueError, match=rf"DPPFConfig\.{name}=.* is invalid.*\(flag {flag}\)"):
+        parser.parse_args_into_dataclasses(["--output_dir", "unused", "--use_cpu", "--dppf", f"{flag}={value}"])
+    assert not dist.is_initialized(), "refused before any process group work"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("bench --bucket_mb 0", "argument --bucket_mb: DPPFConfig.bucket_mb=0.0 is invalid"),
+        ("bench --nproc 0", "argument --nproc: '0' is invalid: it must be an integer >= 1"),
+        ("bench --repeats x", "argument --repeats: 'x' is invalid: it must be an integer >= 1"),
+        ("bench --comm_dtype int8", "argument --comm_dtype: invalid choice: 'int8'"),
+        ("sharpness --model_name_or_path m --num_directions 0", "argument --num_directions: '0' is invalid"),
+        ("sharpness --model_name_or_path m --delta -1", "argument --delta: '-1' is invalid: it must be a finite"),
+        (
+            "sharpness --model_name_or_path m --rel_tol 1",
+            "argument --rel_tol: '1' is invalid: it must be a finite number > 0 and < 1",
+        ),
+        ("sharpness --model_name_or_path m --max_samples 0", "argument --max_samples: '0' is invalid"),
+        ("sharpness --model_name_or_path m --epsilon inf", "argument --epsilon: 'inf' is invalid"),
+        ("sharpness --model_name_or_path m --reference_iterations 0", "argument --reference_iterations: '0'"),
+        (
+            "landscape --model_name_or_path m --points 1",
+            "argument --points: '1' is invalid: it must be an integer >= 2",
+        ),
+        ("landscape --model_name_or_path m --span nan", "argument --span: 'nan' is invalid"),
+    ],
+)
+def test_bad_cli_values_stop_at_parsing_naming_the_flag(argv: str, message: str, capsys) -> None:
+    # the model "m" does not exist: a message about it would mean the value was checked too late
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv.split())
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_too_short_for_its_rounds_is_warned_about(tmp_path: Path, caplog) -> None:
+    for flags, warning in (
+        (dict(dppf_tau=4, max_steps=3), "dppf_tau=4 is larger than the 3 steps after warmup"),
+        (dict(dppf_warmup_steps=3, max_steps=3), "dppf_warmup_steps=3 covers the whole run"),
+    ):
+        args = make_args(str(tmp_path), dppf=True, ddp_backend=None, **flags)  # one process
+        with caplog.at_level(logging.WARNING, logger="hf_dppf"):
+            DPPFTrainer(model=tiny_bert(seed=1), args=args, train_dataset=toy_data()).train()
+        assert warning in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- mismatched ranks
@@ -187,3 +280,131 @@ def test_a_dead_or_stuck_peer_fails_the_round_within_the_timeout(how: str) -> No
     assert result["seconds"] < 10, result["seconds"]
     if how == "stuck":
         assert result["seconds"] >= 2.9, result["seconds"]
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer: crashes
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "crash_resume_run.py"
+
+
+def _launch(output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "0"]
+    command += ["--master_port", str(free_port()), str(SCRIPT), str(output_dir), *flags]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _weights(output_dir: Path, kind: str) -> list[dict[str, torch.Tensor]]:
+    return [load_file(output_dir / f"{kind}-rank{r}.safetensors") for r in range(2)]
+
+
+def test_kill_9_at_any_point_then_resume_ends_with_the_uninterrupted_weights(tmp_path: Path) -> None:
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    assert _launch(full).returncode == 0
+
+    # rank 1 is killed while writing checkpoint-6: the half-written folder must not count as a checkpoint
+    assert _launch(crashed, "--kill_while_saving", "6").returncode != 0
+    assert (crashed / "tmp-checkpoint-6").is_dir() and not (crashed / "checkpoint-6").exists()
+    assert get_last_checkpoint(str(crashed)).endswith("checkpoint-4")
+
+    # resumed from checkpoint-4, rank 1 is killed again after step 7 (checkpoint-6 written in full this time)
+    assert _launch(crashed, "--resume", "--kill_after_step", "7").returncode != 0
+    assert (crashed / "checkpoint-6" / "dppf" / "rank1" / "model.safetensors").is_file()
+    assert not (crashed / "tmp-checkpoint-6").exists() and not (crashed / "checkpoint-8").exists()
+
+    done = _launch(crashed, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(crashed.glob("tmp-checkpoint-*")), "no staging folder is left behind"
+    for kind in ("own", "final"):  # each worker's own weights before the final average, and the model produced
+        for got, want in zip(_weights(crashed, kind), _weights(full, kind)):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), kind
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer: NaN
+
+
+class PoisonRank1(TrainerCallback):
+    """After optimizer step 2 (before the checkpoint of step 2 is written) rank 1's weights get a NaN."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
+        if state.global_step == 2 and args.process_index == 1:
+            with torch.no_grad():
+                next(model.parameters())[0, 0] = float("nan")
+
+
+def _nan_before_checkpoint(rank: int, world_size: int, tmp: str) -> dict:
+    out: dict = {}
+    run = dict(dppf=True, dppf_tau=10, max_steps=2, save_strategy="steps", save_steps=2)  # no round before the save
+    trainer = DPPFTrainer(model=tiny_bert(seed=1), args=make_args(f"{tmp}/reseed", **run), train_dataset=toy_data())
+    trainer.add_callback(PoisonRank1())
+    trainer.train()
+    worker = f"{tmp}/reseed/checkpoint-2/dppf/rank{{}}/"
+    own = [load_file(worker.format(r) + "model.safetensors") for r in range(world_size)]
+    out["finite"] = all(bool(torch.isfinite(t).all()) for w in own for t in w.values())
+    out["rank1_is_rank0"] = all(torch.equal(own[0][k], own[1][k]) for k in own[0])  # the healthy average of one
+    average = load_file(f"{tmp}/reseed/checkpoint-2/model.safetensors")
+    out["average_finite"] = all(bool(torch.isfinite(t).all()) for t in average.values())
+    state = torch.load(worker.format(rank) + "optimizer.pt", weights_only=True)["state"]
+    out["optimizer_state_kept"] = len(state) > 0
+    del trainer
+    gc.collect()
+
+    strict = DPPFTrainer(
+        model=tiny_bert(seed=1),
+        args=make_args(f"{tmp}/raise", dppf_nonfinite_policy="raise", **run),
+        train_dataset=toy_data(),
+    )
+    strict.add_callback(PoisonRank1())
+    out["raise"] = _error(strict.train)
+    out["nothing_written"] = not os.path.exists(f"{tmp}/raise/checkpoint-2") and not os.path.exists(
+        f"{tmp}/raise/tmp-checkpoint-2"
+    )
+    del strict
+    gc.collect()
+    return out
+
+
+def test_no_nan_reaches_a_checkpoint(tmp_path: Path) -> None:
+    for rank, out in enumerate(run_distributed(_nan_before_checkpoint, 2, str(tmp_path), init=False)):
+        assert out["finite"] and out["average_finite"], "a checkpoint holds NaN"
+        assert out["rank1_is_rank0"], "the NaN worker was not re-seeded from the healthy one"
+        assert out["optimizer_state_kept"] == (rank == 0), "the re-seeded worker's optimizer state must be reset"
+        assert "worker(s) [1] of 2 hold NaN/Inf weights" in out["raise"] and "nonfinite_policy='raise'" in out["raise"]
+        assert out["nothing_written"]
+
+
+# ---------------------------------------------------------------------------------------------------- untrusted files
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """Static audit: pickles run code, so every `torch.load` in the package, recipes and scripts is weights-only."""
+    calls = []
+    for path in [*REPO.glob("hf_dppf/*.py"), *REPO.glob("recipes/*.py"), *REPO.glob("scripts/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                safe = any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in node.keywords)
+                calls.append((f"{path.name}:{node.lineno}", safe))
+    assert calls, "the audit found no torch.load at all: it is not looking at the code"
+    assert all(safe for _, safe in calls), [where for where, safe in calls if not safe]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["HF_DPPF_PWNED"],))
+
+
+def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("HF_DPPF_PWNED", str(marker))
+    run = dict(dppf=True, dppf_tau=2, max_steps=2, save_strategy="steps", save_steps=2, ddp_backend=None)  # 1 process
+    DPPFTrainer(model=tiny_bert(seed=1), args=make_args(str(tmp_path), **run), train_dataset=toy_data()).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    # a tampered checkpoint: the worker's optimizer file is a pickle that runs code when unpickled
+    torch.save({"state": _Payload(), "param_groups": []}, checkpoint / "dppf" / "rank0" / "optimizer.pt")
+    resumed = DPPFTrainer(
+        model=tiny_bert(seed=1), args=make_args(str(tmp_path), **{**run, "max_steps": 4}), train_dataset=toy_data()
+    )
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists(), "unpickling ran the checkpoint's code"
