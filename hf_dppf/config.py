@@ -87,6 +87,13 @@ class DPPFConfig:
             names the round (e.g. a peer died or hangs). `None` keeps the process group's timeout (torch's default
             is 30 minutes; the Trainer's `--ddp_timeout`, Accelerate's `InitProcessGroupKwargs(timeout=...)`). Set it
             above your slowest round: a round of a 1 GB model over a 100 Mbit/s link takes about 3 minutes.
+        overlap_steps (`int`, defaults to 0):
+            `0`: a round blocks every worker until it is done. `k > 0` (overlapped, delayed rounds; `k < tau`): at a
+            round boundary each worker snapshots its weights, starts the all-reduce in the background and keeps
+            training; `k` optimizer steps later (or when the all-reduce completes, if later) it applies the round's
+            correction computed from the snapshot, `x_i += round(snapshot)_i - snapshot_i`, so the local progress
+            made meanwhile is kept. Costs one extra copy of the trainable weights (the snapshot). Rounds during
+            warmup stay blocking. Only for the strategies that pull toward the plain average (`dppf`, `avg`).
     """
 
     tau: int = 4
@@ -102,6 +109,7 @@ class DPPFConfig:
     eps: float = 1e-12
     nonfinite_policy: str = "reseed"
     timeout_s: float | None = None
+    overlap_steps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1:
@@ -128,6 +136,21 @@ class DPPFConfig:
             raise _bad("nonfinite_policy", self.nonfinite_policy, f"one of {list(NONFINITE_POLICIES)}")
         if self.timeout_s is not None and (not _is_real(self.timeout_s) or self.timeout_s <= 0):
             raise _bad("timeout_s", self.timeout_s, "None or a finite number of seconds > 0")
+        if isinstance(self.overlap_steps, bool) or not isinstance(self.overlap_steps, int) or self.overlap_steps < 0:
+            raise _bad("overlap_steps", self.overlap_steps, "an integer >= 0 (0: blocking rounds)")
+        if self.overlap_steps >= self.tau:
+            raise _bad(
+                "overlap_steps",
+                self.overlap_steps,
+                f"an integer in [0, tau - 1] = [0, {self.tau - 1}]: a round must land before the next one is due",
+            )
+        if self.overlap_steps and STRATEGIES[self.strategy].centre != "average":
+            raise _bad(
+                "overlap_steps",
+                self.overlap_steps,
+                f"0 with strategy={self.strategy!r}: overlapped rounds only apply to the strategies that pull toward "
+                "the plain average ('dppf', 'avg')",
+            )
         if not STRATEGIES[self.strategy].pushes and (self.lam or self.width):
             raise ValueError(
                 f"DPPFConfig: strategy={self.strategy!r} does not push, so lam={self.lam!r} / width={self.width!r} "
@@ -174,6 +197,10 @@ class DPPFConfig:
         if step <= self.warmup_steps:
             return True
         return (step - self.warmup_steps) % self.tau == 0
+
+    def overlapped(self, step: int) -> bool:
+        """Whether the round after optimizer step `step` runs in the background (`overlap_steps > 0`, past warmup)."""
+        return self.overlap_steps > 0 and step > self.warmup_steps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
