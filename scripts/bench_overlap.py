@@ -51,7 +51,8 @@ def load_data(args: argparse.Namespace, tokenizer) -> tuple[dict, dict]:
 
     def encode(split) -> dict:
         texts = list(split["text"])
-        enc = tokenizer(texts, truncation=True, max_length=args.max_seq_length, padding="max_length", return_tensors="pt")
+        enc = tokenizer(texts, truncation=True, max_length=args.max_seq_length, padding="max_length")
+        enc = {k: torch.tensor(v) for k, v in enc.items()}
         return {**enc, "labels": torch.tensor(list(split["label"]))}
 
     return encode(splits["train"]), encode(splits["test"])
