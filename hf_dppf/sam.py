@@ -28,8 +28,9 @@ over the micro-batches of grad L_k(w + e_k) (e_k: micro-batch k's ascent). With 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,25 @@ def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Put back the weights that `ascend` saved (bit-exact)."""
     for p, original in saved:
         p.copy_(original)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: torch.nn.Module) -> Iterator[None]:
+    """
+    Inside the block, BatchNorm layers normalise with the batch as usual but leave their running statistics (and
+    `num_batches_tracked`) as they were: the pass at `w + e` must not count as a second batch.
+    """
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class SAM(torch.optim.Optimizer):
@@ -202,7 +222,8 @@ class SAMTrainer(DPPFTrainer):
     `DPPFTrainer` that runs SAM when `args.sam_rho > 0` (`SAMTrainingArguments`): every micro-batch is a forward/
     backward at w (without gradient all-reduce), an ascent to `w + e`, and a forward/backward there whose gradient the
     stock loop (all-reduce under DDP, clipping, optimizer step) uses; the weights are back at w before the step. The
-    logged loss is the loss at w. See the module docstring for DDP, DPPF and gradient accumulation.
+    logged loss is the loss at w; BatchNorm running statistics are updated by the pass at w only. See the module
+    docstring for DDP, DPPF and gradient accumulation.
     """
 
     @property
@@ -221,6 +242,7 @@ class SAMTrainer(DPPFTrainer):
         saved = ascend(params, self.sam_rho, bool(getattr(self.args, "sam_adaptive", False)))
         for p, g in zip(params, accumulated):
             p.grad = g
-        super().training_step(model, dict(inputs), num_items_in_batch)  # under the loop's own sync decision
+        with frozen_running_stats(self.model):  # under the loop's own sync decision
+            super().training_step(model, dict(inputs), num_items_in_batch)
         restore(saved)
         return loss

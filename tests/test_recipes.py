@@ -23,7 +23,7 @@ import pytest
 import torch
 from dist_utils import free_port, run_distributed
 
-from hf_dppf.sam import SAM, SAMTrainingArguments
+from hf_dppf.sam import SAM, SAMTrainingArguments, frozen_running_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,6 +142,19 @@ def test_sam_shares_learning_rates_and_state_with_its_base_optimizer() -> None:
     x, y = regression_batch(2)
     optimizer.step(lambda: (optimizer.zero_grad(), model(x, y)["loss"].backward())[-1])
     assert optimizer.state_dict()["state"][0]["step"].item() == 1 == base.state_dict()["state"][0]["step"].item()
+
+
+def test_the_pass_at_the_perturbed_point_leaves_batchnorm_statistics_alone() -> None:
+    norm = torch.nn.BatchNorm1d(3, momentum=0.25).train()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    norm(x)  # the pass at w: one update
+    mean, var, tracked = norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()
+    torch.testing.assert_close(mean, 0.25 * x.mean(0))
+    with frozen_running_stats(norm):
+        out = norm(x + 1.0)  # the pass at w + e
+    torch.testing.assert_close(out, (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + norm.eps))
+    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+    assert torch.equal(norm.num_batches_tracked, tracked) and norm.momentum == 0.25
 
 
 @pytest.mark.parametrize("rho", [-0.1, float("nan"), True])

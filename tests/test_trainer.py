@@ -526,7 +526,8 @@ def test_recipe_runs_under_both_launchers(launcher, tiny_classifier, tmp_path):
         2,
         "dppf",
     )
-    assert results["dppf_stats"]["rounds"] == 2 and results["eval"]["eval_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert results["dppf_stats"]["rounds"] == 2
+    assert results["eval"]["eval_accuracy"] == pytest.approx(accuracy, abs=1e-4), "printed with 4 digits"
 
 
 def _not_distributed_trainer(rank: int, world_size: int) -> str:
