@@ -24,7 +24,8 @@ record that benchmarks read. Schema (`"schema": "hf_dppf.results/1"`):
       },
       "dppf_stats": {                            # null without --dppf
         "rounds": 30,                            # consensus rounds during training (max_steps // tau, + warmup)
-        "bytes_per_worker": 12345678,            # bytes this worker handed to collectives in those rounds
+        "bytes_per_worker": 12345678,            # bytes this worker handed to collectives until then: those
+                                                 # rounds, the engine's start-up check, evaluations of the average
         "valley_width": 0.8,                     # mean distance to the average after the last of them
         "average_norm": 42.0,                    # ||x_A|| at that round
         "round_ms": 510.0,                       # wall time of those rounds, milliseconds

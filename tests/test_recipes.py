@@ -23,6 +23,7 @@ import pytest
 import torch
 from dist_utils import free_port, run_distributed
 
+from hf_dppf.consensus import FINGERPRINT_BYTES
 from hf_dppf.sam import SAM, SAMTrainingArguments, frozen_running_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,8 +320,8 @@ def test_image_recipe_hub_path_with_dppf(local_hub, tmp_path) -> None:
     assert r["method"]["name"] == "dppf" and r["method"]["tau"] == 3 and r["method"]["sam_rho"] == 0.0
     stats = r["dppf_stats"]
     assert stats["rounds"] == 6 // 3
-    assert stats["bytes_per_worker"] == 2 * round_bytes
-    assert stats["total_bytes_per_worker"] == 3 * round_bytes, "and one final averaging round"
+    assert stats["bytes_per_worker"] == 2 * round_bytes + FINGERPRINT_BYTES, "the rounds and the start-up check"
+    assert stats["total_bytes_per_worker"] == 3 * round_bytes + FINGERPRINT_BYTES, "and one final averaging round"
     assert stats["valley_width"] > 0
     assert round(r["eval"]["eval_accuracy"] * 30, 9) == round(r["eval"]["eval_accuracy"] * 30), "of 30 images"
     saved = json.loads((out / "config.json").read_text())
