@@ -19,7 +19,8 @@ record that benchmarks read. Schema (`"schema": "hf_dppf.results/1"`):
       "method": {
         "name": "dppf",                          # "ddp" or the DPPF strategy ("dppf", "avg", ...), "+sam" with SAM
         "dppf": true, "strategy": "dppf", "tau": 4, "alpha": 0.5, "lambda": null, "width": 0.01,
-        "lam_schedule": "lr", "warmup_steps": 0,  # the DPPF fields are null without --dppf
+        "lam_schedule": "lr", "warmup_steps": 0,  # the DPPF fields are null without --dppf; "width" is the one in
+                                                  # force (null with an explicit lambda or a strategy without push)
         "sam_rho": 0.0, "sam_adaptive": false
       },
       "dppf_stats": {                            # null without --dppf
@@ -105,11 +106,11 @@ def method(args: Any) -> dict[str, Any]:
         ("tau", "tau"),
         ("alpha", "alpha"),
         ("lambda", "lam"),
-        ("width", "width"),
         ("lam_schedule", "lam_schedule"),
         ("warmup_steps", "warmup_steps"),
     ):
         out[key] = getattr(cfg, attr) if cfg is not None else None
+    out["width"] = cfg.push_width if cfg is not None else None  # the width in force (defaults resolved)
     out["sam_rho"] = sam_rho
     out["sam_adaptive"] = bool(getattr(args, "sam_adaptive", False)) if sam_rho > 0 else False
     out["name"] = (cfg.strategy if cfg is not None else "ddp") + ("+sam" if sam_rho > 0 else "")

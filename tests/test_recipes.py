@@ -23,6 +23,7 @@ import pytest
 import torch
 from dist_utils import free_port, run_distributed
 
+from hf_dppf import DPPFConfig
 from hf_dppf.consensus import FINGERPRINT_BYTES
 from hf_dppf.sam import SAM, SAMTrainingArguments, frozen_running_stats
 
@@ -318,6 +319,7 @@ def test_image_recipe_hub_path_with_dppf(local_hub, tmp_path) -> None:
     )
     assert r["global_step"] == 6 and r["train_runtime_s"] > 0
     assert r["method"]["name"] == "dppf" and r["method"]["tau"] == 3 and r["method"]["sam_rho"] == 0.0
+    assert r["method"]["width"] == DPPFConfig().push_width, "the default width in force is recorded"
     stats = r["dppf_stats"]
     assert stats["rounds"] == 6 // 3
     assert stats["bytes_per_worker"] == 2 * round_bytes + FINGERPRINT_BYTES, "the rounds and the start-up check"
