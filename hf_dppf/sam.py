@@ -226,8 +226,18 @@ class SAMTrainer(DPPFTrainer):
     docstring for DDP, DPPF and gradient accumulation.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled)):
+            if on and self.sam_rho > 0:
+                raise ValueError(
+                    f"--sam_rho={self.sam_rho} with {name} is not supported by SAMTrainer: the ascent needs each "
+                    f"process's full gradient and weights. Use DDP (or one process), or --sam_rho 0."
+                )
+
     @property
     def sam_rho(self) -> float:
+        """The SAM radius of this run (`args.sam_rho`; 0 when the arguments have no SAM flags)."""
         return float(getattr(self.args, "sam_rho", 0.0))
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
