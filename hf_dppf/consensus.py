@@ -12,7 +12,7 @@ A round, per bucket of ~`bucket_mb` MiB (parameters of one dtype and device, pac
 The baseline strategies pull toward another centre (`hf_dppf.strategies`): `easgd` all-reduces like `avg` and pulls
 toward its centre variable `z` (engine state, one tensor per parameter name, checkpointed), which then moves toward
 `x_A`; `lsgd` elects the lowest-loss worker with one tiny all-reduce and broadcasts its weights into the buffers;
-`grawa` all-reduces `w_i / W * x_i` after one scalar all-reduce of `W = sum_i w_i`. The write-back is the same lerp.
+`grawa` all-reduces `w_i / W * x_i` after one all-reduce of every worker's `w_i`. The write-back is the same lerp.
 The loss and gradient norm those two need are fed between rounds with `observe()`.
 
 Floating buffers (BatchNorm statistics) ride in their own buckets and are set to the average; integer buffers and
