@@ -133,6 +133,7 @@ class DPPFTrainer(Trainer):
         self._dppf_ddp_flags: dict[str, bool] = {}
         self._dppf_lr0 = 0.0
         self._dppf_in_sync = False  # every worker known to hold the same weights (after the final average)
+        self._dppf_feed_loss = True  # `training_step` feeds its loss to the engine (lsgd)
         if self.dppf_enabled:
             self._check_dppf_setup()
             self.add_callback(_DPPFCallback(self))
@@ -260,9 +261,18 @@ class DPPFTrainer(Trainer):
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         """The stock step; with DPPF its loss is fed to the engine (`lsgd` elects the lowest-loss worker)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._dppf_engine is not None:
+        if self._dppf_engine is not None and self._dppf_feed_loss:
             self._dppf_engine.observe(loss=loss)
         return loss
+
+    @contextlib.contextmanager
+    def dppf_loss_unobserved(self) -> Iterator[None]:
+        """Inside the block `training_step` feeds no loss to the engine (e.g. SAM's pass at the perturbed weights)."""
+        before, self._dppf_feed_loss = self._dppf_feed_loss, False
+        try:
+            yield
+        finally:
+            self._dppf_feed_loss = before
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         """The stock gradient norm (before clipping); with DPPF it is fed to the engine (`grawa` weighs by it)."""
