@@ -17,7 +17,8 @@ from dist_utils import count_collectives, gather_workers, run_distributed
 from safetensors.torch import load_file, save_file
 from test_accelerate import make_model, params
 from test_engine import OddModel, trainable
-from test_trainer import _tensors_equal, collected, make_args, tiny_bert, toy_data
+from test_trainer import _tensors_equal, collected
+from trainer_fixtures import make_args, tiny_bert, toy_data
 from transformers import TrainerCallback
 
 from hf_dppf import DPPF, DPPFConfig, DPPFConsensus, DPPFTrainer
