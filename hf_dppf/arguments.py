@@ -92,6 +92,7 @@ class DPPFArguments:
     dppf_bucket_mb: float = _dppf_field("bucket_mb")
     dppf_comm_dtype: str = _dppf_field("comm_dtype")
     dppf_eps: float = _dppf_field("eps")
+    dppf_replica_size: int = _dppf_field("replica_size")
 
     def __post_init__(self) -> None:
         self.dppf_config = self.build_dppf_config()

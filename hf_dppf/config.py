@@ -63,6 +63,10 @@ class DPPFConfig:
         eps (`float`, defaults to 1e-12):
             The push is only applied when `r_i > eps`, so a worker sitting on the average (e.g. `M = 1`, or right
             after an averaging round) is not divided by zero.
+        replica_size (`int`, defaults to 1):
+            Processes per worker (replica) under DeepSpeed ZeRO: the world is `replica_size x` replicas; inside a
+            replica ZeRO shards and synchronises every step, across replicas DPPF runs on each shard. 1 (flat) makes
+            every process a worker (ZeRO-0/1 only). Needs DeepSpeed when > 1.
     """
 
     tau: int = 4
@@ -75,6 +79,7 @@ class DPPFConfig:
     bucket_mb: float = 25.0
     comm_dtype: str = "fp32"
     eps: float = 1e-12
+    replica_size: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1:
@@ -97,6 +102,8 @@ class DPPFConfig:
             raise _bad("comm_dtype", self.comm_dtype, f"one of {list(COMM_DTYPES)}")
         if not _is_real(self.eps) or self.eps < 0:
             raise _bad("eps", self.eps, "a finite number >= 0")
+        if isinstance(self.replica_size, bool) or not isinstance(self.replica_size, int) or self.replica_size < 1:
+            raise _bad("replica_size", self.replica_size, "an integer >= 1 (processes per replica)")
         if not STRATEGIES[self.strategy].pushes and (self.lam or self.width):
             raise ValueError(
                 f"DPPFConfig: strategy={self.strategy!r} does not push, so lam={self.lam!r} / width={self.width!r} "

@@ -121,6 +121,11 @@ class DPPFConsensus:
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Restrict the round to this group (e.g. one cross-replica group). Defaults to the whole world; without an
             initialised process group the engine runs with M = 1 (plain local training).
+        norm_group (`torch.distributed.ProcessGroup`, *optional*):
+            The ranks that hold the other shards of this worker (e.g. one ZeRO replica group), when the tensors are
+            only this rank's shard of the worker's weights. The sums of squares behind `r_i` and `||x_A||` are added
+            up over this group (one all-reduce of two numbers per round), so every shard of a worker is scaled by the
+            same global `r_i`. Defaults to none: the tensors are the whole worker.
 
     Example:
         ```python
@@ -139,6 +144,7 @@ class DPPFConsensus:
         params_or_module: torch.nn.Module | Iterable[torch.Tensor],
         config: DPPFConfig | None = None,
         process_group: dist.ProcessGroup | None = None,
+        norm_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.config = config if config is not None else DPPFConfig()
         if not isinstance(self.config, DPPFConfig):
@@ -148,6 +154,7 @@ class DPPFConsensus:
         if self._explicit is not None and not all(isinstance(t, torch.Tensor) for t in self._explicit):
             raise TypeError("params_or_module must be a torch.nn.Module or an iterable of tensors.")
         self.group = process_group
+        self.norm_group = norm_group
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
@@ -268,6 +275,18 @@ class DPPFConsensus:
         sq_a = torch.stack(partial_a).double().square().sum().item() / m**2 if partial_a else 0.0
         return sq_d, sq_a
 
+    def _sum_over_shards(self, sq_d: float, sq_a: float) -> tuple[float, float]:
+        """The squared norms of the whole worker: this shard's sums added over `norm_group` (when there is one)."""
+        if self.norm_group is None or dist.get_world_size(self.norm_group) == 1:
+            return sq_d, sq_a
+        params, _ = self._collect()
+        device = params[0].device if params else "cpu"
+        sums = torch.tensor([sq_d, sq_a], dtype=torch.float64, device=device)
+        self.stats.bytes_communicated += sums.numel() * sums.element_size()
+        self.stats.collective_calls += 1
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.norm_group)
+        return tuple(sums.tolist())
+
     # ------------------------------------------------------------------ rounds
     @torch.no_grad()
     def round(self, push_scale: float = 1.0, *, strategy: str | None = None) -> DPPFStats:
@@ -291,6 +310,7 @@ class DPPFConsensus:
             sq_d, sq_a = 0.0, sum(n.double().square().item() for n in norms)
         else:
             sq_d, sq_a = self._reduce(keep_average=not rule.pushes, norms=True)
+        sq_d, sq_a = self._sum_over_shards(sq_d, sq_a)
         r, average_norm = math.sqrt(sq_d), math.sqrt(sq_a)
         lam = self.config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
         c = rule.coefficient(r, self.config.alpha, lam, self.config.eps)

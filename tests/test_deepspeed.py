@@ -1,0 +1,161 @@
+"""
+DPPF under DeepSpeed ZeRO on 4 CPU processes (gloo): 2 replicas x 2 ranks, and flat mode (4 replicas of 1 rank).
+
+One launch builds several engines (DeepSpeed start-ups are slow) and checks, against `simulate_round` applied to the
+gathered full parameters: ZeRO-2 and ZeRO-3 rounds shard by shard, no cross-replica collective between rounds (every
+collective recorded with its group, and the recorder checked against the profiler's independent count), the round's
+bytes (each rank sends only its own shard), and flat ZeRO-1 (local steps with no collective at all).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import count_collectives, gather_workers, record_collective_groups, run_distributed
+
+from hf_dppf import DPPFConfig
+from hf_dppf.deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage
+from hf_dppf.simulate import distances_to_average, simulate_round
+
+pytest.importorskip("deepspeed")
+
+WORLD = 4
+TOL = 1e-6
+LOCAL_STEPS = 3
+# ZeRO-3 checks over the whole world that every rank recorded the same module trace, in its first two steps only
+# (a few small int broadcasts); the count starts after them.
+WARMUP_STEPS = 2
+PUSH_SCALE = 0.7
+# A large tau: the test triggers the round itself, after gathering the workers.
+DPPF_CONFIG = {"tau": 1000, "alpha": 0.5, "lam": 0.3}
+
+
+def ds_config(stage: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 40  # the biases stay whole on every rank, the weights do not
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**6,
+    }
+
+
+def mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+
+
+def full_parameters(model: torch.nn.Module, stage: int) -> list[torch.Tensor]:
+    """The replica's full parameters (ZeRO-3 gathers them inside the replica)."""
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        return [p.detach().clone() for p in params]
+
+
+def _replica_round(rank: int, stage: int, replica_size: int) -> dict[str, Any]:
+    import deepspeed
+
+    config = DPPFConfig(replica_size=replica_size, **DPPF_CONFIG)
+    groups = ReplicaGroups.build(replica_size)
+    model = mlp(seed=groups.replica_index)  # replicas start apart; DeepSpeed syncs the ranks of one replica
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=groups.deepspeed_config(ds_config(stage)), mpu=groups
+    )
+    dppf = DeepSpeedDPPF(engine, config, groups)
+    backend = deepspeed.comm.comm.cdb
+    captured = [(backend, "all_gather_function"), (backend, "reduce_scatter_function")]
+    g = torch.Generator().manual_seed(rank)
+
+    def local_step() -> None:
+        x, y = torch.randn(4, 10, generator=g), torch.randn(4, 3, generator=g)
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+        assert dppf.step(PUSH_SCALE) is False
+
+    for _ in range(WARMUP_STEPS):
+        local_step()
+    with count_collectives() as profiled, record_collective_groups(*captured) as local_calls:
+        for _ in range(LOCAL_STEPS):
+            local_step()
+    my_replica = set(range(groups.replica_index * replica_size, (groups.replica_index + 1) * replica_size))
+    crossing = [(name, ranks) for name, ranks in local_calls if not set(ranks) <= my_replica]
+    assert not crossing, f"cross-replica collectives between rounds: {crossing}"
+    assert len(local_calls) == profiled.count, (local_calls, profiled.calls)  # the recorder saw every collective
+
+    before = full_parameters(engine.module, stage)
+    everyone = gather_workers(before, WORLD)
+    workers = everyone[::replica_size]  # rank k * replica_size speaks for replica k
+    for r in range(WORLD):
+        assert all(torch.equal(a, b) for a, b in zip(everyone[r], workers[r // replica_size])), "replica ranks differ"
+    expected = simulate_round(workers, config, push_scale=PUSH_SCALE)[groups.replica_index]
+    expected_distance = sum(distances_to_average(workers)) / len(workers)
+
+    shard_numel = sum(t.numel() for t in dppf.consensus._collect()[0])
+    sent = dppf.stats.bytes_communicated
+    with record_collective_groups(*captured) as round_calls:
+        stats = dppf.round(PUSH_SCALE)
+    after = full_parameters(engine.module, stage)
+    worst = max((a - e).abs().max().item() for a, e in zip(after, expected))
+    shard_group = tuple(range(groups.shard_index, WORLD, replica_size))
+    cross = [name for name, ranks in round_calls if not set(ranks) <= my_replica]
+    assert all(ranks == shard_group for name, ranks in round_calls if not set(ranks) <= my_replica), round_calls
+    # the shard group carries this rank's shard (fp32) + the two distance statistics (fp64), nothing else
+    norm_bytes = 16 if replica_size > 1 and stage >= 1 else 0
+    assert stats.bytes_communicated - sent == 4 * shard_numel + 16 + norm_bytes
+    assert math.isclose(stats.distance_before, expected_distance, rel_tol=1e-6), (stats, expected_distance)
+    if stage in (1, 2):  # what the optimizer steps from agrees with the model
+        opt = engine.optimizer
+        for master, bit16 in zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups):
+            assert torch.equal(master, bit16[groups.shard_index])
+    engine.destroy()
+    # calls between rounds whose group holds another process (flat mode: DeepSpeed still runs its reduce and gather on
+    # the one-rank group, a local copy that sends nothing)
+    sending = [(name, ranks) for name, ranks in local_calls if ranks != (rank,)]
+    return {"worst": worst, "cross_calls": len(cross), "shard_numel": shard_numel, "sending_calls": len(sending)}
+
+
+def _deepspeed_checks(rank: int, world_size: int) -> dict[str, Any]:
+    results = {
+        "zero2": _replica_round(rank, stage=2, replica_size=2),
+        "zero3": _replica_round(rank, stage=3, replica_size=2),
+        "flat_zero1": _replica_round(rank, stage=1, replica_size=1),
+    }
+    flat = ReplicaGroups.build(1)
+    with pytest.raises(ValueError, match=r"ZeRO stage 3 and replica_size=1 is not possible.*--dppf_replica_size"):
+        flat.deepspeed_config(ds_config(3))
+    dist.barrier()
+    return results
+
+
+def test_zero_rounds_match_the_oracle_with_no_cross_replica_traffic_between_rounds():
+    results = run_distributed(_deepspeed_checks, WORLD)
+    n_params = sum(p.numel() for p in mlp(0).parameters())
+    for rank, res in enumerate(results):
+        for name in ("zero2", "zero3", "flat_zero1"):
+            assert res[name]["worst"] <= TOL, (rank, name, res[name])
+            assert res[name]["cross_calls"] == 2, res[name]  # one bucket of the shard + the distance statistics
+        # ZeRO-2/3: each rank sends its own shard only (about half the parameters), flat: the whole model
+        assert res["zero2"]["shard_numel"] < n_params and res["zero3"]["shard_numel"] < n_params
+        assert res["flat_zero1"]["shard_numel"] == n_params
+        assert res["flat_zero1"]["sending_calls"] == 0, "flat ZeRO-1 local steps must send nothing"
+        assert res["zero2"]["sending_calls"] > 0  # ZeRO inside the replica does communicate every step
+    assert sum(r["zero2"]["shard_numel"] for r in results[:2]) >= n_params
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_flat_mode_refuses_sharded_zero_stages(stage):
+    with pytest.raises(ValueError, match=rf"ZeRO stage {stage} and replica_size=1 is not possible.*replica groups"):
+        check_zero_stage(stage, replica_size=1)
+    check_zero_stage(stage, replica_size=2)
+    for ok in (0, 1):
+        check_zero_stage(ok, replica_size=1)
