@@ -10,18 +10,19 @@ bytes (each rank sends only its own shard), and flat ZeRO-1 (local steps with no
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import count_collectives, gather_workers, record_collective_groups, run_distributed
+from test_trainer import make_args, tiny_bert, toy_data
 
-from hf_dppf import DPPFConfig
+from hf_dppf import DPPFConfig, DPPFTrainer
 from hf_dppf.deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage
 from hf_dppf.simulate import distances_to_average, simulate_round
-
-pytest.importorskip("deepspeed")
+from hf_dppf.trainer import DEEPSPEED_TAG, DPPF_CHECKPOINT_DIR
 
 WORLD = 4
 TOL = 1e-6
@@ -159,3 +160,108 @@ def test_flat_mode_refuses_sharded_zero_stages(stage):
     check_zero_stage(stage, replica_size=2)
     for ok in (0, 1):
         check_zero_stage(ok, replica_size=1)
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer
+
+
+TRAINER_DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "zero_optimization": {"stage": 2},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 10**6,
+}
+TRAINER_RUN = dict(
+    dppf=True,
+    dppf_tau=3,  # does not divide the resume step 4: the round schedule must come from the checkpoint
+    dppf_replica_size=2,
+    max_steps=8,
+    logging_steps=1,
+    save_strategy="steps",
+    save_steps=4,
+    deepspeed=TRAINER_DS_CONFIG,
+    use_cpu=False,  # DeepSpeed's CPU accelerator (Accelerate refuses DeepSpeed with cpu=True); gloo underneath
+    accelerator_config={"use_configured_state": True},
+)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Exact equality of nested checkpoint contents (tensors, dicts, lists, numbers, strings)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _trainer_resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+
+    def trainer(run: str, seed: int) -> DPPFTrainer:
+        AcceleratorState._reset_state()  # one DeepSpeed plugin per Accelerator; the process group is kept
+        args = make_args(f"{tmp}/{run}", **TRAINER_RUN)
+        return DPPFTrainer(model=tiny_bert(seed), args=args, train_dataset=toy_data())
+
+    straight = trainer("a", seed=1)
+    straight.train()
+    # A fresh trainer and a model initialised differently: everything must come from the checkpoint.
+    resumed = trainer("b", seed=7)
+    resumed.train(resume_from_checkpoint=f"{tmp}/a/checkpoint-4")
+
+    def replica_file(run: str, name: str, replica: int, step: int = 8) -> str:
+        return f"{tmp}/{run}/checkpoint-{step}/{DPPF_CHECKPOINT_DIR}/replica{replica}/{DEEPSPEED_TAG}/{name}"
+
+    def losses(trainer: DPPFTrainer) -> dict[int, float]:
+        return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > 4}
+
+    def optimizer_shard(path: str) -> list[Any]:
+        """This rank's fp32 master partition and optimizer state, as DeepSpeed saved them."""
+        state = torch.load(path, weights_only=False)["optimizer_state_dict"]
+        return [state["single_partition_of_fp32_groups"], state["base_optimizer_state"]]
+
+    replica, shard = divmod(rank, 2)
+    shard_file = f"zero_pp_rank_{shard}_mp_rank_00_optim_states.pt"
+    out = {
+        "optimizer_shard": _same(*(optimizer_shard(replica_file(run, shard_file, replica)) for run in ("a", "b"))),
+        "losses": (losses(straight), losses(resumed)),
+        "final": _same(straight.model.state_dict(), resumed.model.state_dict()),
+        "rounds": (straight.dppf_engine.stats.rounds, resumed.dppf_engine.stats.rounds),
+    }
+    if rank == 0:  # the replicas' own weights (DeepSpeed's model states) and the saved average
+        own = [
+            {"a": torch.load(replica_file(run, "mp_rank_00_model_states.pt", k), weights_only=False)["module"]}
+            for run in ("a", "b")
+            for k in range(2)
+        ]
+        from safetensors.torch import load_file
+
+        saved = load_file(f"{tmp}/a/checkpoint-8/model.safetensors")
+        a0, a1, b0, b1 = (o["a"] for o in own)
+        out["own_weights_resumed"] = _same(a0, b0) and _same(a1, b1)
+        out["replicas_differ"] = any(not torch.equal(a0[k], a1[k]) for k in a0)
+        out["saved_is_average"] = all(
+            torch.allclose(saved[k], (a0[k] + a1[k]) / 2, atol=1e-7) for k in saved if saved[k].is_floating_point()
+        )
+    return out
+
+
+def test_trainer_zero2_replica_groups_resume_exactly(tmp_path):
+    results = run_distributed(_trainer_resume, WORLD, str(tmp_path), init=False)
+    for rank, out in enumerate(results):
+        straight, resumed = out["losses"]
+        assert straight and straight == resumed, (rank, straight, resumed)
+        assert out["optimizer_shard"], f"rank {rank}: ZeRO optimizer shard after the resume differs"
+        assert out["final"], f"rank {rank}: final model differs after the resume"
+        # rounds after steps 3 and 6, plus the final average at the end of train()
+        assert out["rounds"] == (3, 3), out["rounds"]
+    assert results[0]["own_weights_resumed"] and results[0]["replicas_differ"]
+    assert results[0]["saved_is_average"], "the checkpoint's model.safetensors is not the replicas' average"
