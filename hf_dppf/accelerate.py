@@ -38,6 +38,21 @@ def lr_push_scale(config: DPPFConfig, optimizer: torch.optim.Optimizer, lr0: flo
     return float(optimizer.param_groups[0]["lr"]) / lr0
 
 
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """
+    Forget a re-seeded worker's optimizer state (moments built on its NaN/Inf weights would poison it again): torch
+    optimizers rebuild the state lazily at the next step. The schedule (param groups' lr) is kept.
+    """
+    optimizer.state.clear()
+    logger.warning("DPPF: this worker was re-seeded from the healthy workers' average; its optimizer state is reset.")
+
+
+def after_round(engine: DPPFConsensus, optimizer: torch.optim.Optimizer | None) -> None:
+    """What an integration does after a round or a finiteness check: reset the optimizer of a re-seeded worker."""
+    if engine.last_reseeded and optimizer is not None:
+        reset_optimizer_state(optimizer)
+
+
 def silence_ddp(model: torch.nn.Module, saved: dict[str, bool] | None = None) -> dict[str, bool]:
     """
     Switch off a `DistributedDataParallel` module's gradient all-reduce and forward buffer broadcast. Call it again at
@@ -177,7 +192,8 @@ class DPPF:
 
     def _on_optimizer_step(self) -> None:
         self._silence_ddp()
-        self.engine.step(self._push_scale())
+        if self.engine.step(self._push_scale()):
+            after_round(self.engine, self.optimizer)
 
     def step(self) -> bool:
         """
@@ -211,4 +227,6 @@ class DPPF:
         return self.engine.state_dict() if self.engine is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the engine's step counter and statistics, then check that every rank agrees (a collective)."""
         self.engine.load_state_dict(state)
+        self.engine.verify_ranks()

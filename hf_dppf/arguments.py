@@ -10,12 +10,17 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .config import COMM_DTYPES, LAM_SCHEDULES, DPPFConfig
+from .config import COMM_DTYPES, LAM_SCHEDULES, NONFINITE_POLICIES, DPPFConfig
 from .strategies import STRATEGIES
 
 # `DPPFConfig` field -> `DPPFArguments` field (and command-line flag). `lam` is a Python keyword elsewhere.
 _FLAG_NAMES = {"lam": "dppf_lambda"}
-_CHOICES = {"strategy": sorted(STRATEGIES), "lam_schedule": list(LAM_SCHEDULES), "comm_dtype": list(COMM_DTYPES)}
+_CHOICES = {
+    "strategy": sorted(STRATEGIES),
+    "lam_schedule": list(LAM_SCHEDULES),
+    "comm_dtype": list(COMM_DTYPES),
+    "nonfinite_policy": list(NONFINITE_POLICIES),
+}
 
 
 def flag_name(config_field: str) -> str:
@@ -92,6 +97,8 @@ class DPPFArguments:
     dppf_bucket_mb: float = _dppf_field("bucket_mb")
     dppf_comm_dtype: str = _dppf_field("comm_dtype")
     dppf_eps: float = _dppf_field("eps")
+    dppf_nonfinite_policy: str = _dppf_field("nonfinite_policy")
+    dppf_timeout_s: float | None = _dppf_field("timeout_s")
     dppf_replica_size: int = _dppf_field("replica_size")
 
     def __post_init__(self) -> None:

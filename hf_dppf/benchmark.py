@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .cli_types import POSITIVE_INT, config_field
+
 MODELS = {
     "bert-base": dict(),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
@@ -39,16 +41,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model size, built from its config (default: %(default)s)",
     )
     parser.add_argument(
-        "--nproc", type=int, default=2, help="processes to spawn when not launched by torchrun (default: %(default)s)"
+        "--nproc",
+        type=POSITIVE_INT,
+        default=2,
+        help="processes to spawn when not launched by torchrun (default: %(default)s)",
     )
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=POSITIVE_INT,
         default=7,
         help="timed repetitions of each method; medians are reported (default: %(default)s)",
     )
     parser.add_argument(
-        "--bucket_mb", type=float, default=25.0, help="DPPFConfig.bucket_mb of the engine (default: %(default)s)"
+        "--bucket_mb",
+        type=config_field("bucket_mb"),
+        default=25.0,
+        help="DPPFConfig.bucket_mb of the engine (default: %(default)s)",
     )
     parser.add_argument(
         "--comm_dtype",

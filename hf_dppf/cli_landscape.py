@@ -21,6 +21,7 @@ from .cli_sharpness import (
     markdown_table,
     prepare,
 )
+from .cli_types import POSITIVE_FLOAT, number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     slice_.add_argument(
         "--span",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=1.0,
         help="Extent: [-span, span] per axis for 1d/2d, [-span/2, 1 + span/2] for line (default: %(default)s).",
     )
     slice_.add_argument(
-        "--points", type=int, default=21, help="Grid points per axis; 2d evaluates points^2 (default: %(default)s)."
+        "--points",
+        type=number(int, at_least=2),
+        default=21,
+        help="Grid points per axis; 2d evaluates points^2 (default: %(default)s).",
     )
     add_direction_arguments(slice_)
     parser.add_argument("--output", default="landscape.png", help="PNG to write (default: %(default)s).")

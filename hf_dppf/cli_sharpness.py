@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .cli_types import POSITIVE_FLOAT, POSITIVE_INT, number
 from .data import load_bbc_news, load_digits_images
 
 TASKS = ("auto", "sequence-classification", "causal-lm", "image-classification")
@@ -61,11 +62,19 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset_config", default=None, help="Configuration name of a Hub dataset.")
     data.add_argument("--split", default="test", help="Split to evaluate on (default: %(default)s).")
     data.add_argument(
-        "--max_samples", type=int, default=256, help="Examples in the fixed evaluation set (default: %(default)s)."
+        "--max_samples",
+        type=POSITIVE_INT,
+        default=256,
+        help="Examples in the fixed evaluation set (default: %(default)s).",
     )
-    data.add_argument("--batch_size", type=int, default=32, help="Evaluation batch size (default: %(default)s).")
     data.add_argument(
-        "--max_length", type=int, default=128, help="Text is truncated to this many tokens (default: %(default)s)."
+        "--batch_size", type=POSITIVE_INT, default=32, help="Evaluation batch size (default: %(default)s)."
+    )
+    data.add_argument(
+        "--max_length",
+        type=POSITIVE_INT,
+        default=128,
+        help="Text is truncated to this many tokens (default: %(default)s).",
     )
     data.add_argument(
         "--text_column", default=None, help="Text column (default: the first of text, sentence, content)."
@@ -265,17 +274,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_data_arguments(parser)
     valley = parser.add_argument_group("mean valley")
     valley.add_argument(
-        "--num_directions", type=int, default=10, help="Random directions, each in both signs (default: %(default)s)."
+        "--num_directions",
+        type=POSITIVE_INT,
+        default=10,
+        help="Random directions, each in both signs (default: %(default)s).",
     )
     level = valley.add_mutually_exclusive_group()
-    level.add_argument("--delta", type=float, default=None, help="Valley wall at loss + delta (default: 0.1).")
-    level.add_argument("--ratio", type=float, default=None, help="Valley wall at loss * (1 + ratio) instead.")
+    level.add_argument(
+        "--delta", type=POSITIVE_FLOAT, default=None, help="Valley wall at loss + delta (default: 0.1)."
+    )
+    level.add_argument("--ratio", type=POSITIVE_FLOAT, default=None, help="Valley wall at loss * (1 + ratio) instead.")
     add_direction_arguments(valley)
     valley.add_argument(
-        "--rel_tol", type=float, default=1e-2, help="Relative precision of each width (default: %(default)s)."
+        "--rel_tol",
+        type=number(float, above=0, below=1),
+        default=1e-2,
+        help="Relative precision of each width (default: %(default)s).",
     )
     valley.add_argument(
-        "--max_step", type=float, default=10.0, help="Widths are capped at this step (default: %(default)s)."
+        "--max_step", type=POSITIVE_FLOAT, default=10.0, help="Widths are capped at this step (default: %(default)s)."
     )
     ref = parser.add_argument_group("reference measures")
     ref.add_argument(
@@ -287,11 +304,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(Hutchinson Hessian trace).",
     )
     ref.add_argument(
-        "--epsilon", type=float, default=0.05, help="Radius of the epsilon-sharpness ball (default: %(default)s)."
+        "--epsilon",
+        type=POSITIVE_FLOAT,
+        default=0.05,
+        help="Radius of the epsilon-sharpness ball (default: %(default)s).",
     )
     ref.add_argument(
         "--reference_iterations",
-        type=int,
+        type=POSITIVE_INT,
         default=20,
         help="Ascent steps, power iterations or Hutchinson samples of the reference measures (default: %(default)s).",
     )

@@ -10,6 +10,7 @@ from .strategies import STRATEGIES
 
 COMM_DTYPES = ("fp32", "bf16", "fp16")
 LAM_SCHEDULES = ("lr", "constant")
+NONFINITE_POLICIES = ("reseed", "raise")
 
 # Default push strength when neither `lam` nor `width` is given: a valley 1% of the average's norm wide.
 # Measured at CPU scale (MNIST/digits, 4 workers) widths of 0.005 to 0.02 cost no accuracy; 0.05 does.
@@ -63,8 +64,19 @@ class DPPFConfig:
         eps (`float`, defaults to 1e-12):
             The push is only applied when `r_i > eps`, so a worker sitting on the average (e.g. `M = 1`, or right
             after an averaging round) is not divided by zero.
+        nonfinite_policy (`str`, defaults to `"reseed"`):
+            What a round does when a worker's weights hold a NaN or Inf (detected from the round's own sums, at no
+            extra cost while all are finite). `"reseed"`: the bad workers take the average of the healthy ones (and
+            the integrations reset their optimizer state), the healthy ones do the round among themselves, and a
+            warning names the workers; the run stops only if no worker is healthy. `"raise"`: every rank stops with
+            a `RuntimeError` naming the workers. One diverged worker should not end a long run, hence the default.
+        timeout_s (`float`, *optional*):
+            Seconds to wait for one of the engine's collectives before every waiting rank fails with an error that
+            names the round (e.g. a peer died or hangs). `None` keeps the process group's timeout (torch's default
+            is 30 minutes; the Trainer's `--ddp_timeout`, Accelerate's `InitProcessGroupKwargs(timeout=...)`). Set it
+            above your slowest round: a round of a 1 GB model over a 100 Mbit/s link takes about 3 minutes.
         replica_size (`int`, defaults to 1):
-            Processes per worker (replica) under DeepSpeed ZeRO: the world is `replica_size x` replicas; inside a
+            Processes per worker (replica) under DeepSpeed ZeRO: world size = `replica_size` x replicas; inside a
             replica ZeRO shards and synchronises every step, across replicas DPPF runs on each shard. 1 (flat) makes
             every process a worker (ZeRO-0/1 only). Needs DeepSpeed when > 1.
     """
@@ -79,6 +91,8 @@ class DPPFConfig:
     bucket_mb: float = 25.0
     comm_dtype: str = "fp32"
     eps: float = 1e-12
+    nonfinite_policy: str = "reseed"
+    timeout_s: float | None = None
     replica_size: int = 1
 
     def __post_init__(self) -> None:
@@ -102,6 +116,10 @@ class DPPFConfig:
             raise _bad("comm_dtype", self.comm_dtype, f"one of {list(COMM_DTYPES)}")
         if not _is_real(self.eps) or self.eps < 0:
             raise _bad("eps", self.eps, "a finite number >= 0")
+        if self.nonfinite_policy not in NONFINITE_POLICIES:
+            raise _bad("nonfinite_policy", self.nonfinite_policy, f"one of {list(NONFINITE_POLICIES)}")
+        if self.timeout_s is not None and (not _is_real(self.timeout_s) or self.timeout_s <= 0):
+            raise _bad("timeout_s", self.timeout_s, "None or a finite number of seconds > 0")
         if isinstance(self.replica_size, bool) or not isinstance(self.replica_size, int) or self.replica_size < 1:
             raise _bad("replica_size", self.replica_size, "an integer >= 1 (processes per replica)")
         if not STRATEGIES[self.strategy].pushes and (self.lam or self.width):

@@ -17,6 +17,9 @@ never re-pointed), so `save_pretrained`, safetensors, `model.to()` and optimizer
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
+import json
 import logging
 import math
 import os
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 _COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Norms are accumulated chunk by chunk so that the average and the difference stay in cache: 256K elements = 1 MiB.
 _CHUNK = 1 << 18
+# `verify_ranks` sends one 16-byte digest per engine (at construction and after a checkpoint is loaded).
+FINGERPRINT_BYTES = 16
 
 
 @dataclass
@@ -54,6 +59,8 @@ class DPPFStats:
         lam: the push strength used in the last round (after `width` and the schedule).
         last_round_ms: wall time of the last round, milliseconds.
         total_round_ms: wall time of all rounds, milliseconds.
+        reseeded_workers: workers re-seeded from the healthy average because their weights were not finite (summed
+            over rounds; the same count on every rank).
     """
 
     steps: int = 0
@@ -66,6 +73,7 @@ class DPPFStats:
     lam: float = 0.0
     last_round_ms: float = 0.0
     total_round_ms: float = 0.0
+    reseeded_workers: int = 0
 
     def to_logs(self, prefix: str = "dppf/") -> dict[str, float]:
         """The statistics under the names the integrations log (`dppf/valley_width`, `dppf/bytes`, ...)."""
@@ -77,6 +85,7 @@ class DPPFStats:
             f"{prefix}rounds": self.rounds,
             f"{prefix}bytes": self.bytes_communicated,
             f"{prefix}round_ms": self.last_round_ms,
+            f"{prefix}reseeded_workers": self.reseeded_workers,
         }
 
 
@@ -123,9 +132,10 @@ class DPPFConsensus:
             initialised process group the engine runs with M = 1 (plain local training).
         norm_group (`torch.distributed.ProcessGroup`, *optional*):
             The ranks that hold the other shards of this worker (e.g. one ZeRO replica group), when the tensors are
-            only this rank's shard of the worker's weights. The sums of squares behind `r_i` and `||x_A||` are added
-            up over this group (one all-reduce of two numbers per round), so every shard of a worker is scaled by the
-            same global `r_i`. Defaults to none: the tensors are the whole worker.
+            only this rank's shard of the worker's weights. The sums of squares behind `r_i` and `||x_A||`, and the
+            finiteness checks, are added up over this group (one all-reduce of three numbers per round), so every
+            shard of a worker is scaled by the same global `r_i` and a worker is healthy only if all its shards are.
+            Defaults to none: the tensors are the whole worker.
 
     Example:
         ```python
@@ -158,7 +168,7 @@ class DPPFConsensus:
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
-        if self.world_size == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError(
                 f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no torch.distributed process group is initialised, so "
                 "every worker would train alone. Initialise it first (Accelerate: build the Accelerator before DPPF;"
@@ -168,6 +178,8 @@ class DPPFConsensus:
         self._buckets: list[_Bucket] = []
         self._signature: tuple = ()
         self._scratch: torch.Tensor | None = None
+        self.last_reseeded = False  # whether the last round (or `ensure_finite`) re-seeded this worker
+        self.verify_ranks()
 
     # ------------------------------------------------------------------ tensors and buckets
     def _collect(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -226,43 +238,120 @@ class DPPFConsensus:
                 return old
         return torch.empty(numel, dtype=dtype, device=device)
 
-    def _all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
+    # ------------------------------------------------------------------ collectives
+    def _count(self, tensor: torch.Tensor) -> None:
         self.stats.bytes_communicated += tensor.numel() * tensor.element_size()
         self.stats.collective_calls += 1
-        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
 
-    def _reduce(self, *, keep_average: bool, norms: bool) -> tuple[float, float]:
+    def _all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
+        """SUM all-reduce over the group; counted. Blocking calls wait with the configured timeout."""
+        self._count(tensor)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        if async_op:
+            return work
+        self._wait(work)
+        return None
+
+    def _wait(self, work: Any) -> None:
         """
-        All-reduce every bucket and return this worker's `r_i^2` and `||x_A||^2` over the parameters (0 if `norms` is
-        False).
+        Wait for an asynchronous collective, at most `config.timeout_s` seconds (the process group's timeout when
+        unset). A peer that died or hangs becomes a `RuntimeError` naming the round, on every rank that waits.
+        """
+        timeout = self.config.timeout_s
+        try:
+            if timeout is None:
+                work.wait()
+            else:
+                work.wait(timeout=datetime.timedelta(seconds=timeout))
+        except Exception as err:  # gloo/nccl raise RuntimeError or DistBackendError subclasses
+            limit = f"{timeout:g} s (DPPFConfig.timeout_s)" if timeout is not None else "the process group's timeout"
+            raise RuntimeError(
+                f"DPPF round {self.stats.rounds + 1} (after optimizer step {self.stats.steps}) failed on rank "
+                f"{self.rank} of {self.world_size}: a collective did not complete within {limit} or a peer went "
+                f"away ({type(err).__name__}: {err}). Check the other workers' logs: one of them probably crashed, "
+                "was killed or is stuck; resume from the last checkpoint."
+            ) from err
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What every rank must agree on: the config, the step counter and each tensor's name, shape and dtype."""
+        if self.module is not None:
+            params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+            buffers = [(n, b) for n, b in self.module.named_buffers() if b.is_floating_point()]
+        else:
+            params, _ = self._collect()
+            params, buffers = [(str(i), t) for i, t in enumerate(params)], []
+        tensors = [
+            [kind, n, list(t.shape), str(t.dtype)] for kind, ts in (("p", params), ("b", buffers)) for n, t in ts
+        ]
+        config = {k: v for k, v in self.config.to_dict().items() if k != "timeout_s"}
+        return {"config": config, "steps": self.stats.steps, "tensors": tensors}
+
+    def verify_ranks(self) -> None:
+        """
+        Check that every rank of the group has the same config, step counter and tensors (names, shapes, dtypes):
+        one all-gather of a 16-byte digest. A mismatch raises `RuntimeError` on every rank, naming the first
+        difference, instead of a hang or an average of unrelated tensors later. Run at construction; the integrations
+        run it again after loading a checkpoint. A collective: every rank must call it.
+        """
+        if self.world_size == 1:
+            return
+        mine = self._fingerprint()
+        text = json.dumps(mine, sort_keys=True, default=str).encode()
+        digest = hashlib.blake2b(text, digest_size=FINGERPRINT_BYTES).digest()
+        local = torch.frombuffer(bytearray(digest), dtype=torch.int64).to(self._device())
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        self._count(local)
+        self._wait(dist.all_gather(gathered, local, group=self.group, async_op=True))
+        if all(torch.equal(g, gathered[0]) for g in gathered):
+            return
+        everyone: list[Any] = [None] * self.world_size  # every rank takes this path: the digests are shared
+        dist.all_gather_object(everyone, mine, group=self.group)
+        raise RuntimeError(f"DPPF workers disagree, so no round can run: {_first_difference(everyone)}")
+
+    def _reduce(
+        self, *, keep_average: bool, norms: bool, contribute: bool = True, count: int | None = None
+    ) -> tuple[float, float, bool]:
+        """
+        All-reduce every bucket and return this worker's `r_i^2`, `||x_A||^2` over the parameters (0 if `norms` is
+        False) and whether the average is finite (known only when `norms`; every rank gets the same answer, since it
+        is read off the shared sum).
 
         Buffer buckets, and parameter buckets when `keep_average` (or when their dtype differs from the wire's), end
-        holding `x_A`. Otherwise a parameter bucket ends holding `M * (x_A - x_i)`: one fused `sub_` per chunk turns
+        holding `x_A`. Otherwise a parameter bucket ends holding `m * (x_A - x_i)`: one fused `sub_` per chunk turns
         the sum into the scaled difference, whose norm gives `r_i` while the chunk is still in cache; the write-back
-        is then a single `x_i += (1 - c_i) / M * buffer`.
+        is then a single `x_i += (1 - c_i) / m * buffer`. `contribute=False` sends zeros instead of this worker's
+        weights and `count` is the number of workers that do contribute (`m`, default all): the average of the
+        healthy workers when some are not finite.
         """
         buckets = self._ensure_buckets()
-        m = self.world_size
+        m = count or self.world_size
         for b in buckets:
-            torch._foreach_copy_(b.views, b.tensors)
+            if contribute:
+                torch._foreach_copy_(b.views, b.tensors)
+            else:
+                b.comm.zero_()
             b.work = self._all_reduce(b.comm, async_op=True)
             b.holds_average = True
         partial_d: list[torch.Tensor] = []
         partial_a: list[torch.Tensor] = []
+        finite = True
         for b in buckets:  # bucket k's math runs while buckets k+1, ... are still in flight
-            b.work.wait()
+            self._wait(b.work)
             b.work = None
-            if b.is_param and not keep_average and b.same_dtype:
+            if b.is_param and not keep_average and contribute and b.same_dtype:
                 b.holds_average = False
                 for x, c in b.segments:
                     if norms:
-                        partial_a.append(torch.linalg.vector_norm(c))  # ||sum|| = M ||x_A||
+                        partial_a.append(torch.linalg.vector_norm(c))  # ||sum|| = m ||x_A||
                     c.sub_(x, alpha=m)
                     if norms:
-                        partial_d.append(torch.linalg.vector_norm(c))  # M r_i
+                        partial_d.append(torch.linalg.vector_norm(c))  # m r_i
                 continue
             b.comm.div_(m)
-            if not (b.is_param and norms):
+            if not norms:
+                continue
+            if not b.is_param:  # buffers are few and small: check them directly
+                finite = finite and bool(torch.isfinite(b.comm).all())
                 continue
             if self._scratch is None or self._scratch.device != b.comm.device:
                 self._scratch = torch.empty(_CHUNK, dtype=torch.float32, device=b.comm.device)
@@ -273,25 +362,109 @@ class DPPFConsensus:
                 partial_a.append(torch.linalg.vector_norm(a, dtype=torch.float32) * m)
         sq_d = torch.stack(partial_d).double().square().sum().item() / m**2 if partial_d else 0.0
         sq_a = torch.stack(partial_a).double().square().sum().item() / m**2 if partial_a else 0.0
-        return sq_d, sq_a
+        return sq_d, sq_a, finite and math.isfinite(sq_a)
 
-    def _sum_over_shards(self, sq_d: float, sq_a: float) -> tuple[float, float]:
-        """The squared norms of the whole worker: this shard's sums added over `norm_group` (when there is one)."""
+    # ------------------------------------------------------------------ non-finite workers
+    def _device(self) -> torch.device:
+        """Where the engine's small tensors live (the collectives' device: a GPU under nccl)."""
+        params, buffers = self._collect()
+        return (params + buffers)[0].device if params + buffers else torch.device("cpu")
+
+    def _local_finite(self) -> bool:
+        params, buffers = self._collect()
+        tensors = params + buffers  # the max-abs norm is NaN/Inf exactly when a value is
+        return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
+
+    def _healthy_workers(self) -> list[int]:
+        """Group ranks whose weights are all finite: one all-reduce of M flags (a collective)."""
+        flags = torch.zeros(self.world_size, dtype=torch.float64, device=self._device())
+        flags[self.rank] = float(self._worker_finite())
+        self._all_reduce(flags)
+        return [i for i, ok in enumerate(flags.tolist()) if ok]
+
+    def _nonfinite(self, healthy: list[int], where: str) -> None:
+        """Apply `config.nonfinite_policy` when some workers are not finite (the same decision on every rank)."""
+        bad = [i for i in range(self.world_size) if i not in healthy]
+        when = f"DPPF {where} {self.stats.rounds + 1} (after optimizer step {self.stats.steps})"
+        if not bad:
+            raise RuntimeError(
+                f"{when}: every worker's weights are finite but their average is not (overflow on the wire? "
+                f"comm_dtype={self.config.comm_dtype!r}); use comm_dtype='fp32' or lower the learning rate."
+            )
+        what = f"{when}: worker(s) {bad} of {self.world_size} hold NaN/Inf weights"
+        if self.config.nonfinite_policy == "raise" or not healthy:
+            hint = "no healthy worker is left" if not healthy else "nonfinite_policy='raise'"
+            raise RuntimeError(f"{what}; stopping every worker ({hint}). Lower the learning rate or resume earlier.")
+        logger.warning("%s; they take the average of the %d healthy worker(s).", what, len(healthy))
+
+    def _reduce_healthy(self, *, keep_average: bool, where: str) -> tuple[float, float, int, bool]:
+        """
+        `_reduce` that never averages a NaN in: when the shared sum is not finite, find the bad workers (one small
+        all-reduce), apply the policy, and redo the reduction over the healthy ones, the bad ones sending zeros and
+        keeping the average. Returns `r_i^2`, `||x_A||^2`, the number of healthy workers and whether this one is.
+        """
+        sq_d, sq_a, finite = self._reduce(keep_average=keep_average, norms=True)
+        sq_d, sq_a, bad_shards = self._over_shards([sq_d, sq_a, float(not finite)])
+        if bad_shards == 0 and math.isfinite(sq_a):
+            return sq_d, sq_a, self.world_size, True
+        healthy = self._healthy_workers()
+        self._nonfinite(healthy, where)
+        mine = self.rank in healthy
+        sq_d, sq_a, _ = self._reduce(
+            keep_average=keep_average or not mine, norms=True, contribute=mine, count=len(healthy)
+        )
+        sq_d, sq_a = self._over_shards([sq_d, sq_a])
+        return sq_d, sq_a, len(healthy), mine
+
+    def _over_shards(self, values: list[float]) -> list[float]:
+        """A few numbers summed over `norm_group` (this worker's other shards); unchanged when there is none."""
         if self.norm_group is None or dist.get_world_size(self.norm_group) == 1:
-            return sq_d, sq_a
-        params, _ = self._collect()
-        device = params[0].device if params else "cpu"
-        sums = torch.tensor([sq_d, sq_a], dtype=torch.float64, device=device)
-        self.stats.bytes_communicated += sums.numel() * sums.element_size()
-        self.stats.collective_calls += 1
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.norm_group)
-        return tuple(sums.tolist())
+            return values
+        sums = torch.tensor(values, dtype=torch.float64, device=self._device())
+        self._count(sums)
+        self._wait(dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.norm_group, async_op=True))
+        return sums.tolist()
+
+    def _worker_finite(self) -> bool:
+        """Whether all of this worker's weights (every shard of it, under `norm_group`) are finite."""
+        return self._over_shards([float(not self._local_finite())])[0] == 0
+
+    @torch.no_grad()
+    def ensure_finite(self) -> bool:
+        """
+        Make sure no worker holds NaN/Inf weights, e.g. before writing a checkpoint: one all-reduce of M flags, and,
+        only if a worker is bad, one reduction that gives the bad workers the average of the healthy ones (healthy
+        workers do not move). Follows `config.nonfinite_policy`. A collective: every rank must call it.
+
+        Returns:
+            `bool`: whether this worker was re-seeded (its optimizer state is stale: the integrations reset it).
+        """
+        self.last_reseeded = False
+        if self.world_size == 1:
+            if not self._worker_finite():
+                raise RuntimeError("DPPF: the only worker's weights hold NaN/Inf; there is nothing to re-seed from.")
+            return False
+        healthy = self._healthy_workers()
+        if len(healthy) == self.world_size:
+            return False
+        self._nonfinite(healthy, "check before round")
+        mine = self.rank in healthy
+        self._reduce(keep_average=True, norms=False, contribute=mine, count=len(healthy))
+        if not mine:
+            for b in self._buckets:
+                torch._foreach_copy_(b.tensors, b.views)
+        self.stats.reseeded_workers += self.world_size - len(healthy)
+        self.last_reseeded = not mine
+        return not mine
 
     # ------------------------------------------------------------------ rounds
     @torch.no_grad()
     def round(self, push_scale: float = 1.0, *, strategy: str | None = None) -> DPPFStats:
         """
         Run one consensus round now, on every rank of the group (a collective: all ranks must call it).
+
+        A worker whose weights hold NaN/Inf is handled by `config.nonfinite_policy` (re-seeded from the healthy
+        workers' average, or a `RuntimeError` on every rank); `last_reseeded` tells whether this worker was.
 
         Args:
             push_scale (`float`, defaults to 1.0): multiplies the push (the integrations pass `lr_t / lr_0`).
@@ -304,20 +477,23 @@ class DPPFConsensus:
             raise ValueError(f"push_scale={push_scale!r} is invalid: it must be a finite number >= 0.")
         rule = STRATEGIES[strategy or self.config.strategy]
         start = time.perf_counter()
+        self.last_reseeded = False
         if self.world_size == 1:  # the average is the worker itself: nothing moves and nothing is sent
             params, _ = self._collect()
             norms = torch._foreach_norm(params) if params else []
-            sq_d, sq_a = 0.0, sum(n.double().square().item() for n in norms)
+            sq_d, sq_a, m, mine = 0.0, sum(n.double().square().item() for n in norms), 1, True
+            (sq_a,) = self._over_shards([sq_a])
+            if not math.isfinite(sq_a):
+                self.ensure_finite()  # raises: nothing to re-seed from
         else:
-            sq_d, sq_a = self._reduce(keep_average=not rule.pushes, norms=True)
-        sq_d, sq_a = self._sum_over_shards(sq_d, sq_a)
+            sq_d, sq_a, m, mine = self._reduce_healthy(keep_average=not rule.pushes, where="round")
         r, average_norm = math.sqrt(sq_d), math.sqrt(sq_a)
         lam = self.config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
-        c = rule.coefficient(r, self.config.alpha, lam, self.config.eps)
+        c = rule.coefficient(r, self.config.alpha, lam, self.config.eps) if mine else 0.0
         if self.world_size > 1:
             for b in self._buckets:
-                if not b.holds_average:  # buffer = M * (x_A - x_i)
-                    torch._foreach_add_(b.tensors, b.views, alpha=(1.0 - c) / self.world_size)
+                if not b.holds_average:  # buffer = m * (x_A - x_i)
+                    torch._foreach_add_(b.tensors, b.views, alpha=(1.0 - c) / m)
                 elif not b.is_param or c == 0.0:
                     torch._foreach_copy_(b.tensors, b.views)
                 elif b.same_dtype:
@@ -326,9 +502,11 @@ class DPPFConsensus:
                     for x, a in b.segments:
                         x.copy_(a.float() + c * (x.float() - a.float()))
             device = self._buckets[0].comm.device if self._buckets else "cpu"
-            dists = torch.tensor([r, abs(c) * r], dtype=torch.float64, device=device)
+            dists = torch.tensor([r, abs(c) * r] if mine else [0.0, 0.0], dtype=torch.float64, device=device)
             self._all_reduce(dists)
-            before, after = (dists / self.world_size).tolist()
+            before, after = (dists / m).tolist()
+            self.stats.reseeded_workers += self.world_size - m
+            self.last_reseeded = not mine
         else:
             before = after = 0.0
         elapsed = (time.perf_counter() - start) * 1e3
@@ -360,7 +538,8 @@ class DPPFConsensus:
         """
         Temporarily give every worker the average (to evaluate or save the consensus model), then restore each
         worker's own weights exactly. A collective: every rank must enter it. Costs one all-reduce and a copy of the
-        weights; optimizer states are untouched. With M = 1 the worker is the average: nothing to do.
+        weights; optimizer states are untouched. A worker with NaN/Inf weights is left out of the average (or, with
+        `nonfinite_policy="raise"`, every rank raises). With M = 1 the worker is the average: nothing to do.
         """
         if self.world_size == 1:
             yield
@@ -368,7 +547,7 @@ class DPPFConsensus:
         with torch.no_grad():
             buckets = self._ensure_buckets()
             backup = [[t.clone() for t in b.tensors] for b in buckets]
-            self._reduce(keep_average=True, norms=False)
+            self._reduce_healthy(keep_average=True, where="average for evaluation/saving before round")
             for b in buckets:
                 torch._foreach_copy_(b.tensors, b.views)
         try:
@@ -386,9 +565,8 @@ class DPPFConsensus:
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
         for b in self._ensure_buckets():
             torch._foreach_copy_(b.views, b.tensors)
-            self.stats.bytes_communicated += b.comm.numel() * b.comm.element_size()
-            self.stats.collective_calls += 1
-            dist.broadcast(b.comm, src=global_src, group=self.group)
+            self._count(b.comm)
+            self._wait(dist.broadcast(b.comm, src=global_src, group=self.group, async_op=True))
             torch._foreach_copy_(b.tensors, b.views)
 
     # ------------------------------------------------------------------ checkpointing
@@ -405,3 +583,29 @@ class DPPFConsensus:
         if changed:
             logger.warning("DPPF: resuming with a changed config (saved -> now): %s", changed)
         self.stats = DPPFStats(**state["stats"])
+
+
+def _first_difference(fingerprints: list[dict[str, Any]]) -> str:
+    """Where the ranks' fingerprints first differ, in words (rank 0 is the reference)."""
+    ref = fingerprints[0]
+    for rank, fp in enumerate(fingerprints[1:], start=1):
+        if fp["config"] != ref["config"]:
+            diff = {k: (ref["config"].get(k), v) for k, v in fp["config"].items() if ref["config"].get(k) != v}
+            return f"rank {rank}'s DPPFConfig differs from rank 0's (rank 0 -> rank {rank}): {diff}."
+        if fp["steps"] != ref["steps"]:
+            return (
+                f"rank 0 has counted {ref['steps']} optimizer steps, rank {rank} {fp['steps']}: they resumed from "
+                "different checkpoints or one loaded none."
+            )
+        if fp["tensors"] != ref["tensors"]:
+            if len(fp["tensors"]) != len(ref["tensors"]):
+                return (
+                    f"rank 0 has {len(ref['tensors'])} trainable tensors, rank {rank} {len(fp['tensors'])}: the "
+                    "ranks built different models or froze different layers."
+                )
+            a, b = next((a, b) for a, b in zip(ref["tensors"], fp["tensors"]) if a != b)
+            return (
+                f"tensor {a[1]!r} is {a[2]} {a[3]} on rank 0 but rank {rank} has {b[1]!r} {b[2]} {b[3]}: the ranks "
+                "built different models."
+            )
+    return "the ranks' fingerprints differ (no readable difference)."

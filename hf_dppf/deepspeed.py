@@ -298,6 +298,22 @@ class DeepSpeedDPPF:
         self._refresh_model()
         return stats
 
+    @property
+    def last_reseeded(self) -> bool:
+        """Whether the last round (or `ensure_finite`) re-seeded this replica (see `DPPFConsensus`)."""
+        return self.consensus.last_reseeded
+
+    def verify_ranks(self) -> None:
+        """Check that the replicas agree on config, steps and shard layout (a collective; see `DPPFConsensus`)."""
+        self.consensus.verify_ranks()
+
+    def ensure_finite(self) -> bool:
+        """Re-seed a replica whose weights hold NaN/Inf from the healthy ones (see `DPPFConsensus.ensure_finite`)."""
+        reseeded = self.consensus.ensure_finite()
+        if reseeded:  # every rank of this replica agrees: its shards are judged together
+            self._refresh_model()
+        return reseeded
+
     def average(self) -> DPPFStats:
         """Set every replica to the average (one averaging round)."""
         return self.round(strategy="avg")

@@ -14,16 +14,19 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers.trainer
 from safetensors.torch import load_model, save_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .accelerate import _inner_optimizer, initial_lr, lr_push_scale, restore_ddp, silence_ddp
+from .accelerate import _inner_optimizer, after_round, initial_lr, lr_push_scale, restore_ddp, silence_ddp
 from .arguments import DPPFArguments
 from .consensus import DPPFConsensus
 from .deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage, zero_stage_of
@@ -39,6 +42,9 @@ WORKER_STATE_NAME = "dppf_state.json"
 REPLICA_DIR = "replica{}"
 DEEPSPEED_TAG = "deepspeed"  # a fixed tag: DeepSpeed's `latest` file is written by global rank 0 only
 SCHEDULER_NAME = "scheduler.pt"  # the stock Trainer's file name: the schedule is the same on every worker
+# A checkpoint is written under this prefix and renamed to `checkpoint-N` once every rank has finished, so that a crash
+# while saving never leaves a half-written `checkpoint-N` for `resume_from_checkpoint=True` to pick.
+STAGING_PREFIX = "tmp-checkpoint"
 
 
 @dataclass
@@ -227,12 +233,15 @@ class DPPFTrainer(Trainer):
 
     def _dppf_start(self, checkpoint: str | None) -> None:
         self._dppf_in_sync = False
-        if self._dppf_groups is not None:
+        # lr_0 of the schedule (on resume the optimizer's param groups are restored by now).
+        self._dppf_lr0 = initial_lr(self._dppf_lr_optimizer())
+        self._dppf_check_schedule(self.state.max_steps)
+        if self._dppf_groups is not None:  # each replica's weights and optimizer came with its DeepSpeed checkpoint
             self._dppf_engine = DeepSpeedDPPF(self.model_wrapped, self.args.dppf_config, self._dppf_groups)
             if checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint)):
                 with open(os.path.join(self._dppf_worker_dir(checkpoint), WORKER_STATE_NAME)) as f:
                     self._dppf_engine.load_state_dict(json.load(f)["engine"])
-            self._dppf_lr0 = initial_lr(self._dppf_lr_optimizer())
+                self._dppf_engine.verify_ranks()  # every replica resumed from the same step
             return
         self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
         self._dppf_silence()
@@ -249,26 +258,45 @@ class DPPFTrainer(Trainer):
                 )
             load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))  # copied into the params in place
             self._dppf_engine.load_state_dict(saved["engine"])
+            self._dppf_engine.verify_ranks()  # every rank resumed from the same step
         elif checkpoint is not None:
             logger.warning(
                 "Checkpoint %s has no DPPF worker states: every worker starts from its model and optimizer.",
                 checkpoint,
             )
-        # lr_0 of the schedule (restored with the optimizer's param groups on resume).
-        self._dppf_lr0 = initial_lr(self._dppf_lr_optimizer())
 
     def _dppf_lr_optimizer(self) -> Any:
-        """What holds the learning rate: the torch optimizer, or DeepSpeed's (its `param_groups` are the same)."""
+        """What holds the learning rate and the state: the torch optimizer, or DeepSpeed's (same `param_groups`)."""
         if self._dppf_groups is not None:
             return self.model_wrapped.optimizer
         return _inner_optimizer(self.optimizer)
+
+    def _dppf_check_schedule(self, max_steps: int) -> None:
+        """Warn about settings that make the run's rounds differ from what the flags suggest."""
+        config = self.args.dppf_config
+        if max_steps <= config.warmup_steps:
+            logger.warning(
+                "DPPF: dppf_warmup_steps=%d covers the whole run (max_steps=%d): a round follows every optimizer "
+                "step, so the run communicates as much as DDP. Lower --dppf_warmup_steps.",
+                config.warmup_steps,
+                max_steps,
+            )
+        elif max_steps - config.warmup_steps < config.tau:
+            logger.warning(
+                "DPPF: dppf_tau=%d is larger than the %d steps after warmup (max_steps=%d): no regular round will "
+                "run, only the final average. Lower --dppf_tau.",
+                config.tau,
+                max_steps - config.warmup_steps,
+                max_steps,
+            )
 
     def _dppf_on_optimizer_step(self) -> None:
         # Called on every rank right after each optimizer step (before the scheduler's), whether or not a grad scaler
         # skipped it on some rank, so all ranks count the same steps and meet in the same rounds.
         self._dppf_in_sync = False
         optimizer = self._dppf_lr_optimizer()
-        self._dppf_engine.step(lr_push_scale(self.args.dppf_config, optimizer, self._dppf_lr0))
+        if self._dppf_engine.step(lr_push_scale(self.args.dppf_config, optimizer, self._dppf_lr0)):
+            after_round(self._dppf_engine, optimizer)
 
     def _dppf_finish(self) -> None:
         """End of `train()`: every worker takes the average, which is the model the run produces."""
@@ -309,6 +337,52 @@ class DPPFTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """
+        With DPPF, a checkpoint is safe to resume from or it does not exist:
+
+        - no NaN/Inf is written: a worker whose weights are not finite is re-seeded from the healthy workers' average
+          first (its optimizer state reset), or every rank raises (`dppf_nonfinite_policy="raise"`) before a byte is
+          written;
+        - the stock checkpoint is written into `tmp-checkpoint-N` by every rank and renamed to `checkpoint-N` (an
+          atomic rename) by the main process once all ranks are done, so a crash while saving leaves the previous
+          checkpoint as the last one.
+        """
+        if not self.dppf_enabled:
+            return super()._save_checkpoint(model, trial)
+        if self._dppf_engine is not None:
+            self._dppf_engine.ensure_finite()
+            after_round(self._dppf_engine, self._dppf_lr_optimizer())
+        run_dir = self._get_output_dir(trial=trial)
+        step = self.state.global_step
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}-{step}")
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # the remains of a crash while saving this step
+        self.args.distributed_state.wait_for_everyone()
+        saved_prefix = transformers.trainer.PREFIX_CHECKPOINT_DIR
+        transformers.trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX  # the stock code names the folder from it
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            transformers.trainer.PREFIX_CHECKPOINT_DIR = saved_prefix
+        self.args.distributed_state.wait_for_everyone()  # every rank's files are in the staging folder
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == staging:
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+            if os.path.isdir(final):  # the same step saved again: keep the old one until the new one is in place
+                os.replace(final, f"{staging}.old")
+            os.replace(staging, final)
+            shutil.rmtree(f"{staging}.old", ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.args.distributed_state.wait_for_everyone()
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """
         With DPPF, the resume state of every worker (own weights, optimizer, engine) under `dppf/rank{r}/`, written by

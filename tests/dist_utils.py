@@ -3,7 +3,8 @@ Helpers for multi-process tests on CPU: gloo process groups in spawned workers, 
 
 `run_distributed(fn, world_size, *args)` runs `fn(rank, world_size, *args)` in `world_size` spawned processes with a
 fresh free port, initialises gloo, always ends with `barrier()` + `destroy_process_group()`, and returns every rank's
-return value (rank order). An exception on any rank fails the test with that rank's traceback.
+return value (rank order). An exception on any rank fails the test with that rank's traceback. Ranks listed in
+`dying` are expected to end abruptly (a crashed worker): the others then exit without the final barrier.
 """
 
 from __future__ import annotations
@@ -46,44 +47,54 @@ def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any, init: bool) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any, init: bool, teardown: bool
+) -> None:
     os.environ.update(dist_env(rank, world_size, port))
     torch.set_num_threads(1)
     try:
         if init:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        if dist.is_initialized():
+        if dist.is_initialized() and teardown:
             dist.barrier()
         queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank's traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        if not teardown:  # a peer is gone: no barrier, no teardown (gloo would wait for it)
+            os._exit(0)
         gc.collect()  # free DDP wrappers before their process group: gloo's teardown otherwise races at exit
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, init: bool = True) -> list[Any]:
+def run_distributed(
+    fn: Callable, world_size: int, *args: Any, init: bool = True, dying: tuple[int, ...] = ()
+) -> list[Any]:
     """
     Run `fn(rank, world_size, *args)` on `world_size` CPU processes; return the ranks' results in rank order.
 
-    With `init=False` the process group is left to `fn` (e.g. to an `Accelerator(cpu=True)`).
+    With `init=False` the process group is left to `fn` (e.g. to an `Accelerator(cpu=True)`). Ranks in `dying` may
+    exit or be killed inside `fn`; their result is `None`.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
+    teardown = not dying
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init, teardown), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
-    results: dict[int, Any] = {}
+    results: dict[int, Any] = dict.fromkeys(dying)
     errors: list[str] = []
     try:
-        for _ in range(world_size):
-            rank, ok, value = _get(queue, procs)
+        pending = set(range(world_size)) - set(dying)
+        while pending:
+            rank, ok, value = _get(queue, procs, dying)
+            pending.discard(rank)
             if ok:
                 results[rank] = value
             else:
@@ -100,14 +111,14 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, init: bool = True
     return [results[r] for r in range(world_size)]
 
 
-def _get(queue: Any, procs: list) -> tuple:
+def _get(queue: Any, procs: list, dying: tuple[int, ...] = ()) -> tuple:
     import time
 
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         if not queue.empty():
             return queue.get()
-        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        dead = [p for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in dying]
         if dead:
             time.sleep(0.5)  # its error may still be in the pipe
             if not queue.empty():

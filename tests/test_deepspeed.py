@@ -110,8 +110,8 @@ def _replica_round(rank: int, stage: int, replica_size: int) -> dict[str, Any]:
     shard_group = tuple(range(groups.shard_index, WORLD, replica_size))
     cross = [name for name, ranks in round_calls if not set(ranks) <= my_replica]
     assert all(ranks == shard_group for name, ranks in round_calls if not set(ranks) <= my_replica), round_calls
-    # the shard group carries this rank's shard (fp32) + the two distance statistics (fp64), nothing else
-    norm_bytes = 16 if replica_size > 1 and stage >= 1 else 0
+    # the shard group carries this rank's shard (fp32) + the two distance statistics (fp64); the replica group the sums
+    norm_bytes = 24 if replica_size > 1 and stage >= 1 else 0  # r_i^2, ||x_A||^2 and a non-finite count, fp64
     assert stats.bytes_communicated - sent == 4 * shard_numel + 16 + norm_bytes
     assert math.isclose(stats.distance_before, expected_distance, rel_tol=1e-6), (stats, expected_distance)
     if stage in (1, 2):  # what the optimizer steps from agrees with the model

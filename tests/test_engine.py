@@ -9,6 +9,7 @@ import torch
 from dist_utils import count_collectives, gather_workers, run_distributed
 
 from hf_dppf import DPPFConfig, DPPFConsensus
+from hf_dppf.consensus import FINGERPRINT_BYTES
 from hf_dppf.simulate import distances_to_average, simulate_round
 
 
@@ -201,6 +202,7 @@ def _half_precision_wire(rank: int, world_size: int) -> tuple[float, int, int]:
 
 def test_bf16_wire_halves_the_bytes_within_bf16_precision() -> None:
     for worst, sent, floats in run_distributed(_half_precision_wire, 2):
-        assert sent == 2 * floats + 16, "bf16 on the wire: 2 bytes per element (+ the fp64 statistics)"
+        # bf16 on the wire: 2 bytes per element (+ the fp64 statistics and the start-up fingerprint)
+        assert sent == 2 * floats + 16 + FINGERPRINT_BYTES
         # the average of N(0, 1) weights carried in bf16 (8 significant bits): error well under 2^-7 * max |x|
         assert 0 < worst < 0.02, worst

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from dist_utils import free_port
 
+from hf_dppf.consensus import FINGERPRINT_BYTES
+
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = 128
 # the recipe's MLP 64 -> HIDDEN -> HIDDEN -> 10, fp32
@@ -43,7 +45,8 @@ def test_accelerate_loop_recipe_under_launchers(launcher: str) -> None:
     assert s["world_size"] == 2 and s["dppf"]
     # 1437 training digits -> 719 per process -> 45 micro-batches of 16 per epoch
     assert s["optimizer_steps"] == 90 and s["rounds"] == 90 // 4 + 1, "a round every 4 steps, and one on exit"
-    # every byte is a round (parameters + 2 fp64 statistics) or one evaluation of the average per epoch
-    assert s["bytes_communicated"] == s["rounds"] * (PARAM_BYTES + 16) + 2 * PARAM_BYTES
+    # every byte is a round (parameters + 2 fp64 statistics), one evaluation of the average per epoch, or the
+    # start-up fingerprint
+    assert s["bytes_communicated"] == s["rounds"] * (PARAM_BYTES + 16) + 2 * PARAM_BYTES + FINGERPRINT_BYTES
     assert s["valley_width"] == 0.0, "on exit every worker holds the average"
     assert s["accuracy"] > 0.8

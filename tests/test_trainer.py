@@ -23,66 +23,19 @@ import torch
 import torch.distributed as dist
 from dist_utils import count_collectives, free_port, gather_workers, run_distributed
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, Trainer, TrainerCallback
+from trainer_fixtures import N_SAMPLES, make_args, tiny_bert, toy_data
+from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from hf_dppf import DPPFConfig, DPPFTrainer, DPPFTrainingArguments
 from hf_dppf.arguments import config_field_help, flag_name
+from hf_dppf.consensus import FINGERPRINT_BYTES
 from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "text_classification.py"
-N_SAMPLES = 48  # 2 workers x 4 per micro-batch x 2 micro-batches per step: 3 optimizer steps per epoch
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-
-
-def tiny_bert(seed: int, vocab_size: int = N_SAMPLES + 16, num_labels: int = 3) -> BertForSequenceClassification:
-    """A 2-layer, 16-wide BERT classifier with dropout on, so that the RNG state matters for an exact resume."""
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(config)
-
-
-def toy_data() -> Any:
-    """Token 0 of sample i is i, so the training inputs tell which samples each worker read."""
-    import datasets
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, N_SAMPLES + 16, (N_SAMPLES, 8), generator=g)
-    ids[:, 0] = torch.arange(N_SAMPLES)
-    labels = ids[:, 1] % 3
-    return datasets.Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
-    )
-
-
-def make_args(output_dir: str, **overrides: Any) -> DPPFTrainingArguments:
-    values = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        ddp_backend="gloo",
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        gradient_accumulation_steps=2,
-        learning_rate=3e-3,
-        max_steps=5,
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return DPPFTrainingArguments(**values)
 
 
 def own_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -350,9 +303,10 @@ def test_dppf_logs_through_the_trainer(three_runs):
         assert log["dppf/rounds"] == 2
         assert log["dppf/valley_width"] > 0
         # Bytes: rounds after steps 2 and 4 (weights + 16 bytes of distances), the averaged evaluation after step 3
-        # (weights); the final log adds the averaged evaluation the Trainer runs after the last step.
+        # (weights), the engine's start-up fingerprint; the final log adds the averaged evaluation the Trainer runs
+        # after the last step.
         weights = rank["param_bytes"]
-        assert log["dppf/bytes"] == 2 * (weights + 16) + weights
+        assert log["dppf/bytes"] == 2 * (weights + 16) + weights + FINGERPRINT_BYTES
         final = [e for e in rank["dppf"]["logs"] if "train_loss" in e][0]
         assert final["dppf/bytes"] == log["dppf/bytes"] + weights and final["dppf/rounds"] == 2
 
@@ -464,6 +418,9 @@ def test_resume_continues_exactly(resume_runs):
         assert out["weights"], "the workers' own weights after 4 + resume + 4 steps differ from 8 straight steps"
         assert out["optimizer"]
         straight, resumed = out["engine"]
+        # the resumed run also checked, once, that both ranks loaded the same step
+        assert resumed.pop("bytes_communicated") == straight.pop("bytes_communicated") + FINGERPRINT_BYTES
+        assert resumed.pop("collective_calls") == straight.pop("collective_calls") + 1
         assert straight == resumed and straight["steps"] == 8 and straight["rounds"] == 2  # rounds after 3 and 6
         assert out["losses"][0] == out["losses"][1] and sorted(out["losses"][0]) == [5, 6, 7, 8]
         assert out["final"]
