@@ -118,11 +118,41 @@ def _replica_round(rank: int, stage: int, replica_size: int) -> dict[str, Any]:
         opt = engine.optimizer
         for master, bit16 in zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups):
             assert torch.equal(master, bit16[groups.shard_index])
+    reseeded = _poison_and_reseed(engine, dppf, groups, stage, after)
     engine.destroy()
     # calls between rounds whose group holds another process (flat mode: DeepSpeed still runs its reduce and gather on
     # the one-rank group, a local copy that sends nothing)
     sending = [(name, ranks) for name, ranks in local_calls if ranks != (rank,)]
-    return {"worst": worst, "cross_calls": len(cross), "shard_numel": shard_numel, "sending_calls": len(sending)}
+    return {
+        "worst": worst,
+        "cross_calls": len(cross),
+        "shard_numel": shard_numel,
+        "sending_calls": len(sending),
+        "reseeded": reseeded,
+    }
+
+
+def _poison_and_reseed(
+    engine: Any, dppf: DeepSpeedDPPF, groups: ReplicaGroups, stage: int, before: list[torch.Tensor]
+) -> bool:
+    """
+    A NaN in one shard of replica 1 (its last rank's): `ensure_finite` must re-seed every shard of replica 1 from the
+    average of the healthy replicas, and leave those untouched.
+    """
+    bad = 1
+    if groups.replica_index == bad and groups.shard_index == groups.replica_size - 1:
+        with torch.no_grad():
+            dppf.consensus._collect()[0][0][0] = float("nan")
+    reseeded = dppf.ensure_finite()
+    after = full_parameters(engine.module, stage)
+    replicas = gather_workers(before, WORLD)[:: groups.replica_size]
+    healthy = [w for k, w in enumerate(replicas) if k != bad]
+    if groups.replica_index == bad:
+        expected = [torch.stack([w[j] for w in healthy]).mean(0) for j in range(len(before))]
+    else:
+        expected = before
+    assert all(torch.allclose(a, e, atol=TOL, rtol=0) for a, e in zip(after, expected)), "re-seed mismatch"
+    return reseeded
 
 
 def _deepspeed_checks(rank: int, world_size: int) -> dict[str, Any]:
@@ -148,6 +178,8 @@ def test_zero_rounds_match_the_oracle_with_no_cross_replica_traffic_between_roun
         # ZeRO-2/3: each rank sends its own shard only (about half the parameters), flat: the whole model
         assert res["zero2"]["shard_numel"] < n_params and res["zero3"]["shard_numel"] < n_params
         assert res["flat_zero1"]["shard_numel"] == n_params
+        for name, size in (("zero2", 2), ("zero3", 2), ("flat_zero1", 1)):  # every shard of replica 1, only those
+            assert res[name]["reseeded"] == (rank // size == 1), (rank, name)
         assert res["flat_zero1"]["sending_calls"] == 0, "flat ZeRO-1 local steps must send nothing"
         assert res["zero2"]["sending_calls"] > 0  # ZeRO inside the replica does communicate every step
     assert sum(r["zero2"]["shard_numel"] for r in results[:2]) >= n_params
