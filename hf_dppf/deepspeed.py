@@ -237,6 +237,16 @@ class DeepSpeedDPPF:
                 f"{groups.replica_size}: build it with deepspeed.initialize(..., mpu=groups) (or inside "
                 "groups.routed_initialize())."
             )
+        if self.stage == 3:
+            spans = {dist.get_world_size(p.ds_process_group) for p in engine.module.parameters()}
+            if spans != {groups.replica_size}:
+                raise ValueError(
+                    f"ZeRO-3 partitioned the parameters over {sorted(spans)} processes, not over the replica's "
+                    f"{groups.replica_size}: the model was built under zero.Init over the whole world (Accelerate's "
+                    "zero3_init_flag, on by default for stage 3, or HfDeepSpeedConfig before from_pretrained). Set "
+                    "zero3_init_flag: false (accelerate config or --zero3_init_flag false); DeepSpeed then partitions "
+                    "the model inside each replica when the engine is built."
+                )
         self.engine, self.groups, self.config = engine, groups, config
         masters = self._master_tensors()
         sharded = self.stage >= 1 and groups.replica_size > 1

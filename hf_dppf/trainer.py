@@ -77,6 +77,14 @@ class DPPFTrainingArguments(DPPFArguments, TrainingArguments):
             # Gathering token counts would be a collective per step and would scale each worker's loss by the others'.
             self.average_tokens_across_devices = False
         super().__post_init__()  # DPPFArguments (builds the config), then TrainingArguments
+        if self.dppf and self.dppf_config.replica_size > 1:
+            from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+            if is_deepspeed_zero3_enabled():
+                # `from_pretrained` after these arguments would build the model under zero.Init over every process;
+                # with replica groups DeepSpeed partitions it inside each replica when training starts instead.
+                unset_hf_deepspeed_config()
+                logger.info("DPPF: ZeRO-3 partitions the model inside each replica when the DeepSpeed engine starts.")
 
 
 class _DPPFCallback(TrainerCallback):
