@@ -121,6 +121,10 @@ class DPPFTrainer(Trainer):
       (same number of processes required). A stock DDP checkpoint resumes too: every worker starts from it.
     - `dppf/valley_width`, `dppf/bytes`, `dppf/round_ms`, `dppf/rounds`, ... are added to the training logs, so they
       reach every `report_to` integration and the progress bar.
+    - With DeepSpeed (`--deepspeed ds_config.json` or an Accelerate DeepSpeed config) the workers are replicas of
+      `--dppf_replica_size` processes: ZeRO shards and synchronises inside each replica every step, DPPF runs across
+      replicas shard by shard (`hf_dppf.deepspeed`); checkpoints hold each replica's DeepSpeed checkpoint under
+      `dppf/replica{k}/`. ZeRO-2/3 need `--dppf_replica_size` > 1.
 
     `evaluate`, `predict` and `save_model` are collectives while the workers differ: call them on every process, as
     the stock scripts do.

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import count_collectives, gather_workers, record_collective_groups, run_distributed
-from test_trainer import make_args, tiny_bert, toy_data
+from dist_utils import count_collectives, free_port, gather_workers, record_collective_groups, run_distributed
+from test_trainer import make_args, tiny_bert, tiny_classifier, toy_data  # noqa: F401 (tiny_classifier: fixture)
 
 from hf_dppf import DPPFConfig, DPPFTrainer
 from hf_dppf.deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage
@@ -297,3 +300,28 @@ def test_trainer_zero2_replica_groups_resume_exactly(tmp_path):
         assert out["rounds"] == (3, 3), out["rounds"]
     assert results[0]["own_weights_resumed"] and results[0]["replicas_differ"]
     assert results[0]["saved_is_average"], "the checkpoint's model.safetensors is not the replicas' average"
+
+
+# ---------------------------------------------------------------------------------------------------- launcher
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_under_accelerate_launch_with_the_cpu_deepspeed_config(tiny_classifier, tmp_path):  # noqa: F811
+    """The README command: ZeRO-2, 2 replicas x 2 processes, from `accelerate_configs/deepspeed_zero2_cpu.yaml`."""
+    config = str(REPO / "accelerate_configs" / "deepspeed_zero2_cpu.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    command += ["--main_process_port", str(free_port()), str(REPO / "recipes" / "text_classification.py")]
+    command += ["--dppf", "--dppf_replica_size", "2", "--use_cpu", "false", "--ddp_backend", "gloo"]
+    command += ["--model_name_or_path", tiny_classifier, "--output_dir", str(tmp_path / "out")]
+    command += ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "32"]
+    command += ["--max_steps", "4", "--logging_steps", "2", "--dppf_tau", "2"]
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_CPU")  # the command as in the docs
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "(32 examples, 4 processes)" in out and "DPPF: 2 rounds" in out
+    assert (tmp_path / "out" / "model.safetensors").is_file()
