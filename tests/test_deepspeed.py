@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import count_collectives, free_port, gather_workers, record_collective_groups, run_distributed
-from test_trainer import make_args, tiny_bert, tiny_classifier, toy_data  # noqa: F401 (tiny_classifier: fixture)
+from test_trainer import tiny_classifier  # noqa: F401 (a fixture)
+from trainer_fixtures import make_args, tiny_bert, toy_data
 
 from hf_dppf import DPPFConfig, DPPFTrainer
 from hf_dppf.deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage
