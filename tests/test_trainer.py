@@ -474,8 +474,17 @@ def test_recipe_runs_under_both_launchers(launcher, tiny_classifier, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert "eval accuracy of the averaged model (DPPF)" in out and "(32 examples, 2 processes)" in out
+    accuracy = float(out.split("eval accuracy of the averaged model (DPPF): ")[1].split()[0])
     assert "'dppf/valley_width'" in out and "DPPF: 2 rounds" in out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())  # the record benchmarks read
+    assert (results["recipe"], results["num_processes"], results["method"]["name"]) == (
+        "text_classification",
+        2,
+        "dppf",
+    )
+    assert results["dppf_stats"]["rounds"] == 2
+    assert results["eval"]["eval_accuracy"] == pytest.approx(accuracy, abs=1e-4), "printed with 4 digits"
 
 
 def _not_distributed_trainer(rank: int, world_size: int) -> str:

