@@ -602,15 +602,9 @@ def test_every_cli_flag_is_documented():
 
 # ------------------------------------------------------------------------------------------------- the study
 def load_study():
-    import importlib.util
-    from pathlib import Path
+    from tests.dist_utils import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sharpness_study.py"
-    spec = importlib.util.spec_from_file_location("sharpness_study", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sharpness_study")
 
 
 def test_study_local_sgd_with_tau_1_is_ddp():
