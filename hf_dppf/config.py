@@ -75,6 +75,10 @@ class DPPFConfig:
             names the round (e.g. a peer died or hangs). `None` keeps the process group's timeout (torch's default
             is 30 minutes; the Trainer's `--ddp_timeout`, Accelerate's `InitProcessGroupKwargs(timeout=...)`). Set it
             above your slowest round: a round of a 1 GB model over a 100 Mbit/s link takes about 3 minutes.
+        replica_size (`int`, defaults to 1):
+            Processes per worker (replica) under DeepSpeed ZeRO: world size = `replica_size` x replicas; inside a
+            replica ZeRO shards and synchronises every step, across replicas DPPF runs on each shard. 1 (flat) makes
+            every process a worker (ZeRO-0/1 only). Needs DeepSpeed when > 1.
     """
 
     tau: int = 4
@@ -89,6 +93,7 @@ class DPPFConfig:
     eps: float = 1e-12
     nonfinite_policy: str = "reseed"
     timeout_s: float | None = None
+    replica_size: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1:
@@ -115,6 +120,8 @@ class DPPFConfig:
             raise _bad("nonfinite_policy", self.nonfinite_policy, f"one of {list(NONFINITE_POLICIES)}")
         if self.timeout_s is not None and (not _is_real(self.timeout_s) or self.timeout_s <= 0):
             raise _bad("timeout_s", self.timeout_s, "None or a finite number of seconds > 0")
+        if isinstance(self.replica_size, bool) or not isinstance(self.replica_size, int) or self.replica_size < 1:
+            raise _bad("replica_size", self.replica_size, "an integer >= 1 (processes per replica)")
         if not STRATEGIES[self.strategy].pushes and (self.lam or self.width):
             raise ValueError(
                 f"DPPFConfig: strategy={self.strategy!r} does not push, so lam={self.lam!r} / width={self.width!r} "

@@ -130,6 +130,12 @@ class DPPFConsensus:
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Restrict the round to this group (e.g. one cross-replica group). Defaults to the whole world; without an
             initialised process group the engine runs with M = 1 (plain local training).
+        norm_group (`torch.distributed.ProcessGroup`, *optional*):
+            The ranks that hold the other shards of this worker (e.g. one ZeRO replica group), when the tensors are
+            only this rank's shard of the worker's weights. The sums of squares behind `r_i` and `||x_A||`, and the
+            finiteness checks, are added up over this group (one all-reduce of three numbers per round), so every
+            shard of a worker is scaled by the same global `r_i` and a worker is healthy only if all its shards are.
+            Defaults to none: the tensors are the whole worker.
 
     Example:
         ```python
@@ -148,6 +154,7 @@ class DPPFConsensus:
         params_or_module: torch.nn.Module | Iterable[torch.Tensor],
         config: DPPFConfig | None = None,
         process_group: dist.ProcessGroup | None = None,
+        norm_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.config = config if config is not None else DPPFConfig()
         if not isinstance(self.config, DPPFConfig):
@@ -157,10 +164,11 @@ class DPPFConsensus:
         if self._explicit is not None and not all(isinstance(t, torch.Tensor) for t in self._explicit):
             raise TypeError("params_or_module must be a torch.nn.Module or an iterable of tensors.")
         self.group = process_group
+        self.norm_group = norm_group
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
-        if self.world_size == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError(
                 f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no torch.distributed process group is initialised, so "
                 "every worker would train alone. Initialise it first (Accelerate: build the Accelerator before DPPF;"
@@ -370,7 +378,7 @@ class DPPFConsensus:
     def _healthy_workers(self) -> list[int]:
         """Group ranks whose weights are all finite: one all-reduce of M flags (a collective)."""
         flags = torch.zeros(self.world_size, dtype=torch.float64, device=self._device())
-        flags[self.rank] = float(self._local_finite())
+        flags[self.rank] = float(self._worker_finite())
         self._all_reduce(flags)
         return [i for i, ok in enumerate(flags.tolist()) if ok]
 
@@ -396,7 +404,8 @@ class DPPFConsensus:
         keeping the average. Returns `r_i^2`, `||x_A||^2`, the number of healthy workers and whether this one is.
         """
         sq_d, sq_a, finite = self._reduce(keep_average=keep_average, norms=True)
-        if finite:
+        sq_d, sq_a, bad_shards = self._over_shards([sq_d, sq_a, float(not finite)])
+        if bad_shards == 0 and math.isfinite(sq_a):
             return sq_d, sq_a, self.world_size, True
         healthy = self._healthy_workers()
         self._nonfinite(healthy, where)
@@ -404,7 +413,21 @@ class DPPFConsensus:
         sq_d, sq_a, _ = self._reduce(
             keep_average=keep_average or not mine, norms=True, contribute=mine, count=len(healthy)
         )
+        sq_d, sq_a = self._over_shards([sq_d, sq_a])
         return sq_d, sq_a, len(healthy), mine
+
+    def _over_shards(self, values: list[float]) -> list[float]:
+        """A few numbers summed over `norm_group` (this worker's other shards); unchanged when there is none."""
+        if self.norm_group is None or dist.get_world_size(self.norm_group) == 1:
+            return values
+        sums = torch.tensor(values, dtype=torch.float64, device=self._device())
+        self._count(sums)
+        self._wait(dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.norm_group, async_op=True))
+        return sums.tolist()
+
+    def _worker_finite(self) -> bool:
+        """Whether all of this worker's weights (every shard of it, under `norm_group`) are finite."""
+        return self._over_shards([float(not self._local_finite())])[0] == 0
 
     @torch.no_grad()
     def ensure_finite(self) -> bool:
@@ -418,7 +441,7 @@ class DPPFConsensus:
         """
         self.last_reseeded = False
         if self.world_size == 1:
-            if not self._local_finite():
+            if not self._worker_finite():
                 raise RuntimeError("DPPF: the only worker's weights hold NaN/Inf; there is nothing to re-seed from.")
             return False
         healthy = self._healthy_workers()
@@ -459,6 +482,7 @@ class DPPFConsensus:
             params, _ = self._collect()
             norms = torch._foreach_norm(params) if params else []
             sq_d, sq_a, m, mine = 0.0, sum(n.double().square().item() for n in norms), 1, True
+            (sq_a,) = self._over_shards([sq_a])
             if not math.isfinite(sq_a):
                 self.ensure_finite()  # raises: nothing to re-seed from
         else:

@@ -50,6 +50,7 @@ BAD_VALUES: dict[str, list] = {
     "eps": [-1e-9],
     "nonfinite_policy": ["ignore"],
     "timeout_s": [0, -5.0, float("nan")],
+    "replica_size": [0, -2, 1.5, True],
 }
 
 
