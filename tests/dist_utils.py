@@ -214,3 +214,17 @@ def record_collective_groups(*captured: tuple[Any, str]) -> Iterator[list[tuple[
     finally:
         for obj, attr, fn in originals:
             setattr(obj, attr, fn)
+
+
+def load_script(name: str) -> Any:
+    """Import `scripts/<name>.py` (the scripts folder is not a package) as module `name`."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,147 @@
+"""
+The bandwidth-limited testbed (scripts/netns_testbed.py): the shaping is real, gloo runs across it at the shaped rate,
+and no namespace outlives the testbed: not after a normal run, a failing command, or a SIGTERM.
+
+These tests need root and iproute2 (`ip`, `tc`); they are skipped only where either is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import load_script
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="the testbed needs root and iproute2 (ip, tc)",
+)
+RATE = "50mbit"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "netns_testbed.py"
+ALL_REDUCE = """
+import time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.full((1_250_000,), float(dist.get_rank() + 1))  # 5 MB of fp32
+dist.barrier(); start = time.perf_counter(); dist.all_reduce(x); seconds = time.perf_counter() - start
+print({"eval_sum": x.sum().item(), "eval_seconds": seconds, "eval_runtime": 0.0}, flush=True)
+dist.barrier(); dist.destroy_process_group()
+"""
+
+
+def namespaces_of(pid: int) -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.startswith(f"dppftb-{pid}-")]
+
+
+@pytest.fixture(scope="module")
+def testbed_module():
+    return load_script("netns_testbed")
+
+
+def test_shaped_link_and_all_reduce_across_it(testbed_module, tmp_path):
+    tb = testbed_module
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    with tb.Testbed(2, RATE) as testbed:
+        assert namespaces_of(os.getpid()) != []
+        goodput = tb.measure_throughput(testbed, seconds=1.5)
+        # TCP goodput over a tbf link: the rate less the Ethernet/IP/TCP headers (1448 of 1514 bytes, ~0.956)
+        assert 0.8 * testbed.bits_per_s <= goodput <= 1.0 * testbed.bits_per_s, goodput
+        result = tb.launch(testbed, [sys.executable, str(script)], launcher="env", echo=False, timeout_s=120)
+    assert result.returncodes == [0, 0]
+    ((_, metrics),) = result.evaluations
+    assert metrics["eval_sum"] == 3.0 * 1_250_000  # ranks hold 1 and 2: exact in fp32
+    # a 2-rank ring all-reduce sends each rank's 5 MB once (half in reduce-scatter, half in all-gather): at the rate it
+    # takes >= 5e6 * 8 / rate, which an unshaped veth (> 10 Gbit/s) would beat by two orders of magnitude
+    assert metrics["eval_seconds"] >= 0.9 * 5e6 * 8 / testbed.bits_per_s
+    assert namespaces_of(os.getpid()) == []
+
+
+def test_torchrun_launcher_and_cleanup_after_a_failing_command(testbed_module, tmp_path):
+    tb = testbed_module
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(
+        "import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(3)\ntime.sleep(60)\n"  # rank 0 would wait
+    )
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="boom"):
+        with tb.Testbed(2, RATE) as testbed:
+            result = tb.launch(testbed, [str(script)], launcher="torchrun", echo=False, timeout_s=60)
+            raise RuntimeError("boom")  # a failure inside the block still removes the namespaces
+    assert result.returncodes[0] != 0 and result.returncodes[1] != 0  # torchrun reports the failure; rank 0 killed
+    assert time.perf_counter() - start < 50  # the survivor was killed, not waited for
+    assert namespaces_of(os.getpid()) == []
+
+
+def test_sigterm_removes_the_namespaces():
+    tool = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--workers", "3", "--rate", RATE, "--launcher", "env", "--", "sleep", "60"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(namespaces_of(tool.pid)) < 4 and time.monotonic() < deadline:  # 3 workers + the switch
+            time.sleep(0.1)
+        assert len(namespaces_of(tool.pid)) == 4
+        tool.send_signal(signal.SIGTERM)
+        assert tool.wait(timeout=30) != 0
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+    assert namespaces_of(tool.pid) == []
+
+
+def test_cleanup_removes_only_leftovers_of_dead_testbeds(testbed_module):
+    tb = testbed_module
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = f"dppftb-{int(dead.stdout)}-w0"  # as a SIGKILLed testbed would leave it
+    subprocess.run(["ip", "netns", "add", leftover], check=True)
+    try:
+        with tb.Testbed(2, RATE) as testbed:  # alive: must survive the cleanup
+            removed = tb.cleanup_leftovers()
+            assert removed == [leftover]
+            assert sorted(namespaces_of(os.getpid())) == sorted([*testbed.namespaces, testbed.switch])
+    finally:
+        subprocess.run(["ip", "netns", "delete", leftover], capture_output=True)
+
+
+def test_refuses_bad_rates_and_sizes(testbed_module):
+    tb = testbed_module
+    assert tb.parse_rate("100mbit") == 100_000_000 and tb.parse_rate("1gbit") == 10**9
+    with pytest.raises(ValueError, match="--rate='100mb'"):
+        tb.parse_rate("100mb")
+    with pytest.raises(ValueError, match=r"--workers=1 is invalid: it must be in \[2, 200\]"):
+        tb.Testbed(1, RATE)
+
+
+def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
+    # rank 0 "evaluates" twice, 1.5 s apart, each evaluation reporting 1.0 s of eval_runtime: 0.5 s of training between
+    tb = testbed_module
+    script = tmp_path / "evaluations.py"
+    script.write_text(
+        "import os, time\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    print({'eval_accuracy': '0.5', 'eval_runtime': '1.0'}, flush=True); time.sleep(1.5)\n"
+        "    print({'eval_accuracy': '0.95', 'eval_runtime': '1.0'}, flush=True)\n"
+    )
+    with tb.Testbed(2, RATE) as testbed:
+        result = tb.launch(testbed, [sys.executable, str(script)], launcher="env", echo=False, timeout_s=60)
+    assert result.returncodes == [0, 0]
+    (t1, first), (t2, second) = result.evaluations
+    assert (first["eval_accuracy"], second["eval_accuracy"]) == (0.5, 0.95)
+    assert 0.45 <= t2 - t1 <= 1.0  # 1.5 s of wall time less the second evaluation's 1.0 s
+    assert tb.time_to_target(result.evaluations, "eval_accuracy", 0.9) == t2
+    assert tb.time_to_target(result.evaluations, "eval_accuracy", 0.99) is None
+    row = {"rate": RATE, "measured_mbit_s": None, "method": "x", "returncodes": [0, 1], "wall_s": 3.0,
+           "time_to_target_s": None, "final": 0.95}  # fmt: skip
+    assert "| 50mbit | x | not reached | 0.9500 | 3 (failed: exit codes [0, 1]) |" in tb.compare_table(
+        [row], "eval_accuracy", 0.9
+    )
