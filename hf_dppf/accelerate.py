@@ -10,6 +10,7 @@ import torch
 
 from .config import DPPFConfig
 from .consensus import DPPFConsensus, DPPFStats
+from .strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,17 @@ def lr_push_scale(config: DPPFConfig, optimizer: torch.optim.Optimizer, lr0: flo
     if config.lam_schedule != "lr" or not lr0:
         return 1.0
     return float(optimizer.param_groups[0]["lr"]) / lr0
+
+
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """
+    The global L2 norm of the gradients `optimizer` is about to apply (all its parameter groups; `None` if no parameter
+    has a gradient), as a tensor on the gradients' device: no host sync.
+    """
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -93,6 +105,12 @@ class DPPF:
     right after the step that completes it. On a normal exit every worker is set to the average (or, with
     `average_on_exit=False`, a last DPPF round runs), so `accelerator.save_model` saves the consensus model.
 
+    The baselines need a little more from the loop: `strategy="lsgd"` needs each worker's training loss, fed with
+    `dppf.observe(loss=loss)` before the `optimizer.step()` that may complete a round; `strategy="grawa"` needs the
+    gradient norm, which a pre-hook on the optimizer measures at every step (the norm of the gradients the step
+    applies: after the grad scaler's unscale, and after any clipping the script does; to weigh by the pre-clip norm,
+    pass it yourself: `dppf.observe(grad_norm=accelerator.clip_grad_norm_(...))`). Without `optimizer`, feed both.
+
     Args:
         accelerator (`accelerate.Accelerator`): the script's accelerator (on CPU build it with `cpu=True`).
         model (`torch.nn.Module`): the model returned by `accelerator.prepare` (DDP-wrapped or not).
@@ -138,6 +156,8 @@ class DPPF:
         self._rounds_seen = 0
         self._warned_schedule = False
         self._lr0 = 0.0
+        self._pre_hook = None
+        self._grad_norm_fed = False
 
     # ------------------------------------------------------------------ DDP silencing
     def _silence_ddp(self) -> None:
@@ -165,12 +185,15 @@ class DPPF:
         if self.optimizer is not None:
             self._lr0 = initial_lr(self.optimizer)
             self._hook = self.optimizer.register_step_post_hook(lambda *_: self._on_optimizer_step())
+            if "grad_norm" in STRATEGIES[self.config.strategy].needs:
+                self._pre_hook = self.optimizer.register_step_pre_hook(lambda *_: self._on_pre_optimizer_step())
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._pre_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._pre_hook = None
         try:
             # After an exception the other ranks may not reach a collective: finish without one.
             if self.engine is not None and exc_type is None:
@@ -189,6 +212,25 @@ class DPPF:
             logger.warning("DPPF: lam_schedule='lr' needs the optimizer (pass it to DPPF); push kept constant.")
             self._warned_schedule = True
         return 1.0
+
+    def _on_pre_optimizer_step(self) -> None:
+        if not self._grad_norm_fed:
+            self.engine.observe(grad_norm=gradient_norm(self.optimizer))
+        self._grad_norm_fed = False
+
+    def observe(
+        self, *, loss: float | torch.Tensor | None = None, grad_norm: float | torch.Tensor | None = None
+    ) -> None:
+        """
+        Feed this worker's training loss (`strategy="lsgd"`) and/or gradient norm (`"grawa"`) of the current step;
+        the engine keeps the mean since the last round. Call it before the `optimizer.step()` that may end a round.
+        A `grad_norm` given here replaces the one the optimizer hook would measure at the next step. A no-op when DPPF
+        is disabled; values the strategy does not use are dropped.
+        """
+        if self.engine is None:
+            return
+        self.engine.observe(loss=loss, grad_norm=grad_norm)
+        self._grad_norm_fed = self._grad_norm_fed or grad_norm is not None
 
     def _on_optimizer_step(self) -> None:
         self._silence_ddp()

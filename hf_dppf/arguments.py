@@ -93,6 +93,7 @@ class DPPFArguments:
     dppf_width: float | None = _dppf_field("width")
     dppf_lam_schedule: str = _dppf_field("lam_schedule")
     dppf_strategy: str = _dppf_field("strategy")
+    dppf_beta: float | None = _dppf_field("beta")
     dppf_warmup_steps: int = _dppf_field("warmup_steps")
     dppf_bucket_mb: float = _dppf_field("bucket_mb")
     dppf_comm_dtype: str = _dppf_field("comm_dtype")

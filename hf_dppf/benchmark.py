@@ -6,6 +6,8 @@ interleaved order so that machine noise hits all methods alike:
 
 - `flat all-reduce`: one `all_reduce` of a single contiguous fp32 tensor as large as all the parameters (the floor);
 - `DPPFConsensus.round()`: the engine's full round (copy-in, bucketed all-reduce, norms, pull-push write-back);
+  with `--strategies`, one row per strategy (`DPPFConsensus.round() [easgd]`, ...), each fed a loss and a gradient
+  norm per round as the integrations do;
 - `copy + bucketed all-reduce`: the part of the round that any method keeping each worker's own weights pays;
 - `accelerate LocalSGD`: accelerate's `LocalSGD` parameter averaging (one all-reduce per tensor).
 
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .cli_types import POSITIVE_INT, config_field
+from .strategies import STRATEGIES
 
 MODELS = {
     "bert-base": dict(),
@@ -64,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["fp32", "bf16", "fp16"],
         help="DPPFConfig.comm_dtype of the engine (default: %(default)s)",
     )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["dppf"],
+        choices=sorted(STRATEGIES),
+        help="strategies whose round is timed, one row each (default: %(default)s)",
+    )
     parser.add_argument("--skip_localsgd", action="store_true", help="do not time accelerate's LocalSGD")
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
 
@@ -88,13 +98,26 @@ def _bench(args: argparse.Namespace) -> str | None:
     model = BertModel(BertConfig(**MODELS[args.model])).requires_grad_(True)
     numel = sum(p.numel() for p in model.parameters())
     flat = torch.randn(numel)
-    engine = DPPFConsensus(model, DPPFConfig(bucket_mb=args.bucket_mb, comm_dtype=args.comm_dtype))
-    methods: dict[str, Callable[[], object]] = {
-        "flat all-reduce (floor)": lambda: dist.all_reduce(flat),
-        "DPPFConsensus.round()": engine.round,
-        # what any round that keeps each worker's own weights must pay: copy in, bucketed all-reduce, divide
-        "copy + bucketed all-reduce (no pull-push)": lambda: engine._reduce(keep_average=True, norms=False),
+    engines = {
+        name: DPPFConsensus(model, DPPFConfig(strategy=name, bucket_mb=args.bucket_mb, comm_dtype=args.comm_dtype))
+        for name in dict.fromkeys(args.strategies)
     }
+    engine = engines.get("dppf") or DPPFConsensus(
+        model, DPPFConfig(bucket_mb=args.bucket_mb, comm_dtype=args.comm_dtype)
+    )
+
+    def fed_round(e: DPPFConsensus) -> Callable[[], object]:
+        def run() -> object:
+            e.observe(loss=1.0 + rank, grad_norm=1.0 + rank)  # what the integrations feed lsgd and grawa
+            return e.round()
+
+        return run
+
+    methods: dict[str, Callable[[], object]] = {"flat all-reduce (floor)": lambda: dist.all_reduce(flat)}
+    for name, e in engines.items():
+        methods["DPPFConsensus.round()" + ("" if name == "dppf" else f" [{name}]")] = fed_round(e)
+    # what any round that keeps each worker's own weights must pay: copy in, bucketed all-reduce, divide
+    methods["copy + bucketed all-reduce (no pull-push)"] = lambda: engine._reduce(keep_average=True, norms=False)
     if not args.skip_localsgd:
         from accelerate import Accelerator
         from accelerate.local_sgd import LocalSGD

@@ -15,6 +15,10 @@ NONFINITE_POLICIES = ("reseed", "raise")
 # Default push strength when neither `lam` nor `width` is given: a valley 1% of the average's norm wide.
 # Measured at CPU scale (MNIST/digits, 4 workers) widths of 0.005 to 0.02 cost no accuracy; 0.05 does.
 DEFAULT_WIDTH = 0.01
+# EASGD's moving rate of the centre variable when `beta` is not given: the value Zhang, Choromanska & LeCun (2015)
+# recommend. It does not depend on the number of workers, and the centre's distance to the average, which shrinks by
+# |1 - alpha - beta| per round (with no training in between), contracts for every alpha in (0, 1].
+DEFAULT_BETA = 0.9
 
 
 def _bad(field: str, value: Any, valid: str) -> ValueError:
@@ -36,7 +40,8 @@ class DPPFConfig:
             Local optimizer steps (not micro-batches) between two consensus rounds. 4 keeps the communication at a
             quarter of DDP's while staying close to it in accuracy; raise it on slow links.
         alpha (`float`, defaults to 0.5):
-            Pull strength, `0 < alpha <= 1`. `1` moves every worker onto the average before the push. 0.5 halves
+            Pull strength, `0 < alpha <= 1`. `1` moves every worker onto the average before the push (onto the centre
+            for `easgd`, `lsgd` and `grawa`). 0.5 halves
             the distance each round, which keeps workers together without erasing their exploration.
         lam (`float`, *optional*):
             Push strength in parameter-norm units (`>= 0`). When given it wins over `width`. Its good value depends on
@@ -49,8 +54,14 @@ class DPPFConfig:
             `"lr"` scales the push by `lr_t / lr_0` (the integrations pass it to `round()`), so the workers can still
             train the average point while the learning rate decays; `"constant"` keeps the push fixed.
         strategy (`str`, defaults to `"dppf"`):
-            The consensus rule, one of `hf_dppf.strategies.STRATEGIES`: `"dppf"` (pull and push) or `"avg"`
-            (Local SGD: every worker is set to the average; `alpha`, `lam` and `width` do not apply).
+            The consensus rule, one of `hf_dppf.strategies.STRATEGIES`: `"dppf"` (pull and push), `"avg"` (Local SGD:
+            every worker is set to the average; `alpha` does not apply), and the baselines, which pull each worker
+            toward a centre by `alpha` and do not push: `"easgd"` (a centre variable that follows the average by
+            `beta`), `"lsgd"` (the worker with the lowest training loss since the last round) and `"grawa"` (the
+            average weighted by 1 / (gradient norm + eps)). `lam` and `width` only apply to `"dppf"`.
+        beta (`float`, *optional*):
+            `strategy="easgd"` only: the moving rate of the centre variable, `z <- z + beta * (x_A - z)` each round,
+            in (0, 1]. Defaults to 0.9 (the EASGD paper's choice; independent of the number of workers).
         warmup_steps (`int`, defaults to 0):
             During the first `warmup_steps` optimizer steps a round runs after every step (workers stay close
             while the learning rate is large and the loss falls fast); afterwards every `tau` steps.
@@ -63,7 +74,8 @@ class DPPFConfig:
             float64 parameters always travel as float64.
         eps (`float`, defaults to 1e-12):
             The push is only applied when `r_i > eps`, so a worker sitting on the average (e.g. `M = 1`, or right
-            after an averaging round) is not divided by zero.
+            after an averaging round) is not divided by zero. `strategy="grawa"` weighs worker i by
+            `1 / (||g_i|| + eps)` and needs `eps > 0`.
         nonfinite_policy (`str`, defaults to `"reseed"`):
             What a round does when a worker's weights hold a NaN or Inf (detected from the round's own sums, at no
             extra cost while all are finite). `"reseed"`: the bad workers take the average of the healthy ones (and
@@ -87,6 +99,7 @@ class DPPFConfig:
     width: float | None = None
     lam_schedule: str = "lr"
     strategy: str = "dppf"
+    beta: float | None = None
     warmup_steps: int = 0
     bucket_mb: float = 25.0
     comm_dtype: str = "fp32"
@@ -127,6 +140,16 @@ class DPPFConfig:
                 f"DPPFConfig: strategy={self.strategy!r} does not push, so lam={self.lam!r} / width={self.width!r} "
                 "would be ignored; use strategy='dppf' or leave lam and width unset."
             )
+        if self.beta is not None:
+            if not _is_real(self.beta) or not 0.0 < self.beta <= 1.0:
+                raise _bad("beta", self.beta, "None or a number in (0, 1]")
+            if STRATEGIES[self.strategy].centre != "elastic":
+                raise ValueError(
+                    f"DPPFConfig: beta={self.beta!r} is the moving rate of easgd's centre variable and would be "
+                    f"ignored by strategy={self.strategy!r}; use strategy='easgd' or leave beta unset."
+                )
+        if "grad_norm" in STRATEGIES[self.strategy].needs and self.eps <= 0:
+            raise _bad("eps", self.eps, f"a finite number > 0 with strategy={self.strategy!r} (weights 1/(||g||+eps))")
 
     @property
     def push_width(self) -> float | None:
@@ -147,6 +170,11 @@ class DPPFConfig:
             return 0.0
         base = self.lam if self.lam is not None else self.alpha * self.push_width * average_norm
         return base * push_scale
+
+    @property
+    def moving_rate(self) -> float:
+        """easgd's `beta` in force: the given one or `DEFAULT_BETA`."""
+        return DEFAULT_BETA if self.beta is None else self.beta
 
     def round_due(self, step: int) -> bool:
         """Whether a consensus round follows optimizer step number `step` (1-based)."""

@@ -9,6 +9,12 @@ A round, per bucket of ~`bucket_mb` MiB (parameters of one dtype and device, pac
 3. once the global `r_i` is known, move every tensor with one fused `torch._foreach_lerp_` per bucket:
    `x_i <- x_i + (1 - c_i) * (x_A - x_i)`, i.e. `x_A + c_i * d_i` with `c_i` from `hf_dppf.strategies`.
 
+The baseline strategies pull toward another centre (`hf_dppf.strategies`): `easgd` all-reduces like `avg` and pulls
+toward its centre variable `z` (engine state, one tensor per parameter name, checkpointed), which then moves toward
+`x_A`; `lsgd` elects the lowest-loss worker with one tiny all-reduce and broadcasts its weights into the buffers;
+`grawa` all-reduces `w_i / W * x_i` after one all-reduce of every worker's `w_i`. The write-back is the same lerp.
+The loss and gradient norm those two need are fed between rounds with `observe()`.
+
 Floating buffers (BatchNorm statistics) ride in their own buckets and are set to the average; integer buffers and
 frozen parameters are not touched. Parameters stay ordinary tensors owned by the module (they are read and written,
 never re-pointed), so `save_pretrained`, safetensors, `model.to()` and optimizers see nothing unusual.
@@ -32,13 +38,15 @@ import torch
 import torch.distributed as dist
 
 from .config import DPPFConfig
-from .strategies import STRATEGIES
+from .strategies import CENTRES, STRATEGIES, Strategy, grawa_weight, leader_rank
 
 logger = logging.getLogger(__name__)
 
 _COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Norms are accumulated chunk by chunk so that the average and the difference stay in cache: 256K elements = 1 MiB.
 _CHUNK = 1 << 18
+# What `observe()` takes: the inputs of lsgd (`loss`) and grawa (`grad_norm`).
+_OBSERVABLES = ("loss", "grad_norm")
 # `verify_ranks` sends one 16-byte digest per engine (at construction and after a checkpoint is loaded).
 FINGERPRINT_BYTES = 16
 
@@ -53,12 +61,14 @@ class DPPFStats:
         rounds: consensus rounds run (including averaging rounds from `average()`).
         bytes_communicated: payload bytes handed to collectives by this rank (counted per call, not estimated).
         collective_calls: number of collective calls issued by this rank.
-        distance_before: mean distance of the workers to their average before the last round.
-        mean_distance: mean distance to that average after the last round: the valley width.
-        average_norm: `||x_A||` in the last round.
+        distance_before: mean distance of the workers to their average before the last round (to the strategy's
+            centre, the point each worker is pulled toward, for easgd, lsgd and grawa).
+        mean_distance: mean distance to that point after the last round: the valley width.
+        average_norm: `||x_A||` in the last round (the norm of the strategy's centre for easgd, lsgd and grawa).
         lam: the push strength used in the last round (after `width` and the schedule).
         last_round_ms: wall time of the last round, milliseconds.
         total_round_ms: wall time of all rounds, milliseconds.
+        leader: the lsgd leader's group rank in the last round (-1 for the other strategies).
         reseeded_workers: workers re-seeded from the healthy average because their weights were not finite (summed
             over rounds; the same count on every rank).
     """
@@ -73,6 +83,7 @@ class DPPFStats:
     lam: float = 0.0
     last_round_ms: float = 0.0
     total_round_ms: float = 0.0
+    leader: int = -1
     reseeded_workers: int = 0
 
     def to_logs(self, prefix: str = "dppf/") -> dict[str, float]:
@@ -89,11 +100,20 @@ class DPPFStats:
         }
 
 
+def _chunk_pairs(t: torch.Tensor, other: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`(t, other)` (same shape, `other` contiguous) cut into cache-sized chunk pairs; one pair if `t` is strided."""
+    if not t.is_contiguous():
+        return [(t, other)]
+    flat_t, flat_o = t.view(-1), other.view(-1)
+    return [(flat_t[i : i + _CHUNK], flat_o[i : i + _CHUNK]) for i in range(0, t.numel(), _CHUNK)]
+
+
 @dataclass
 class _Bucket:
     is_param: bool
     tensors: list[torch.Tensor]
     comm: torch.Tensor
+    keys: list[str] = field(default_factory=list)  # the tensors' names (engine state such as easgd's centre)
     views: list[torch.Tensor] = field(default_factory=list)
     segments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     work: Any = None
@@ -104,13 +124,7 @@ class _Bucket:
         for t in self.tensors:
             view = self.comm[offset : offset + t.numel()].view(t.shape)
             self.views.append(view)
-            if t.is_contiguous():
-                flat_t, flat_v = t.view(-1), view.view(-1)
-                self.segments += [
-                    (flat_t[i : i + _CHUNK], flat_v[i : i + _CHUNK]) for i in range(0, t.numel(), _CHUNK)
-                ]
-            else:
-                self.segments.append((t, view))
+            self.segments += _chunk_pairs(t, view)
             offset += t.numel()
 
     @property
@@ -178,10 +192,21 @@ class DPPFConsensus:
         self._buckets: list[_Bucket] = []
         self._signature: tuple = ()
         self._scratch: torch.Tensor | None = None
+        # easgd's centre variable, one tensor per parameter name: it outlives bucket rebuilds and is checkpointed.
+        self._centre: dict[str, torch.Tensor] = {}
+        # lsgd / grawa: what `observe()` was fed since the last round ([sum, count]) and the last round's mean.
+        self._window: dict[str, list] = {kind: [0.0, 0] for kind in _OBSERVABLES}
+        self._last_observed: dict[str, float | None] = dict.fromkeys(_OBSERVABLES)
         self.last_reseeded = False  # whether the last round (or `ensure_finite`) re-seeded this worker
         self.verify_ranks()
 
     # ------------------------------------------------------------------ tensors and buckets
+    def _names(self) -> dict[int, str]:
+        """A stable name per tensor, keyed by `id`: its qualified name in the module, or its index in the list."""
+        if self.module is None:
+            return {id(t): str(i) for i, t in enumerate(self._explicit)}
+        return {id(t): name for name, t in (*self.module.named_parameters(), *self.module.named_buffers())}
+
     def _collect(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.module is None:
             return [t for t in self._explicit if t.requires_grad or not isinstance(t, torch.nn.Parameter)], []
@@ -208,6 +233,7 @@ class DPPFConsensus:
             if not t.is_floating_point():
                 raise TypeError(f"DPPF can only average floating-point tensors, got one of dtype {t.dtype}.")
         cap = max(1, int(self.config.bucket_mb * 2**20))
+        names = self._names()
         buckets: list[_Bucket] = []
         for is_param, tensors in ((True, params), (False, buffers)):
             groups: dict[tuple, list[list[torch.Tensor]]] = {}
@@ -221,7 +247,8 @@ class DPPFConsensus:
             for (device, _, comm_dtype), lists in groups.items():
                 for ts in lists:
                     comm = self._comm_buffer(len(buckets), sum(t.numel() for t in ts), comm_dtype, device)
-                    buckets.append(_Bucket(is_param, [t.detach() for t in ts], comm))
+                    keys = [names[id(t)] for t in ts]
+                    buckets.append(_Bucket(is_param, [t.detach() for t in ts], comm, keys=keys))
         self._buckets, self._signature = buckets, signature
         self._scratch = None
         logger.debug("DPPF: %d buckets over %d tensors", len(buckets), len(params) + len(buffers))
@@ -242,6 +269,35 @@ class DPPFConsensus:
     def _count(self, tensor: torch.Tensor) -> None:
         self.stats.bytes_communicated += tensor.numel() * tensor.element_size()
         self.stats.collective_calls += 1
+
+    def _broadcast(self, tensor: torch.Tensor, src: int, async_op: bool = False):
+        """Broadcast from group rank `src`; counted. Blocking calls wait with the configured timeout."""
+        self._count(tensor)
+        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+        work = dist.broadcast(tensor, src=global_src, group=self.group, async_op=True)
+        if async_op:
+            return work
+        self._wait(work)
+        return None
+
+    def _pair_norms(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """
+        `sum ||x - c||^2` and `sum ||c||^2` over chunk pairs `(x, c)`, each difference formed in a cache-sized scratch
+        buffer (no full-size temporary).
+        """
+        partial_d: list[torch.Tensor] = []
+        partial_c: list[torch.Tensor] = []
+        for x, c in pairs:
+            if self._scratch is None or self._scratch.device != x.device or self._scratch.numel() < x.numel():
+                self._scratch = torch.empty(max(_CHUNK, x.numel()), dtype=torch.float32, device=x.device)
+            tmp = self._scratch[: x.numel()].view(x.shape)
+            torch.sub(x, c, out=tmp)
+            partial_d.append(torch.linalg.vector_norm(tmp))
+            partial_c.append(torch.linalg.vector_norm(c, dtype=torch.float32))
+        if not partial_d:
+            return 0.0, 0.0
+        sq_d = torch.stack(partial_d).double().square().sum().item()
+        return sq_d, torch.stack(partial_c).double().square().sum().item()
 
     def _all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
         """SUM all-reduce over the group; counted. Blocking calls wait with the configured timeout."""
@@ -476,8 +532,10 @@ class DPPFConsensus:
         if not (math.isfinite(push_scale) and push_scale >= 0):
             raise ValueError(f"push_scale={push_scale!r} is invalid: it must be a finite number >= 0.")
         rule = STRATEGIES[strategy or self.config.strategy]
+        observed = {kind: self._observed(kind, rule.name) for kind in rule.needs}  # raises before any collective
         start = time.perf_counter()
         self.last_reseeded = False
+        self.stats.leader = self.rank if rule.centre == "leader" else -1
         if self.world_size == 1:  # the average is the worker itself: nothing moves and nothing is sent
             params, _ = self._collect()
             norms = torch._foreach_norm(params) if params else []
@@ -485,13 +543,21 @@ class DPPFConsensus:
             (sq_a,) = self._over_shards([sq_a])
             if not math.isfinite(sq_a):
                 self.ensure_finite()  # raises: nothing to re-seed from
-        else:
+        elif rule.centre == "average":
             sq_d, sq_a, m, mine = self._reduce_healthy(keep_average=not rule.pushes, where="round")
+        else:
+            sq_d, sq_a, m, mine = self._gather_centre(rule, observed)
         r, average_norm = math.sqrt(sq_d), math.sqrt(sq_a)
         lam = self.config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
         c = rule.coefficient(r, self.config.alpha, lam, self.config.eps) if mine else 0.0
-        if self.world_size > 1:
+        if self.stats.leader == self.rank:
+            c = 1.0  # lsgd's leader is its own centre: it does not move
+        if self.world_size > 1 and rule.centre == "elastic":
+            self._elastic_update(c)
+        elif self.world_size > 1:
             for b in self._buckets:
+                if b.is_param and c == 1.0:  # nothing moves (lsgd's leader)
+                    continue
                 if not b.holds_average:  # buffer = m * (x_A - x_i)
                     torch._foreach_add_(b.tensors, b.views, alpha=(1.0 - c) / m)
                 elif not b.is_param or c == 0.0:
@@ -501,8 +567,8 @@ class DPPFConsensus:
                 else:
                     for x, a in b.segments:
                         x.copy_(a.float() + c * (x.float() - a.float()))
-            device = self._buckets[0].comm.device if self._buckets else "cpu"
-            dists = torch.tensor([r, abs(c) * r] if mine else [0.0, 0.0], dtype=torch.float64, device=device)
+        if self.world_size > 1:
+            dists = torch.tensor([r, abs(c) * r] if mine else [0.0, 0.0], dtype=torch.float64, device=self._device())
             self._all_reduce(dists)
             before, after = (dists / m).tolist()
             self.stats.reseeded_workers += self.world_size - m
@@ -515,6 +581,159 @@ class DPPFConsensus:
         s.distance_before, s.mean_distance, s.average_norm, s.lam = before, after, average_norm, lam
         s.last_round_ms, s.total_round_ms = elapsed, s.total_round_ms + elapsed
         return s
+
+    def _gather_centre(self, rule: Strategy, observed: dict[str, float]) -> tuple[float, float, int, bool]:
+        """
+        The communication of the strategies that pull toward a centre other than the plain average (M > 1). Floating
+        buffer buckets end holding the plain average, as with every strategy. Parameter buckets end holding:
+
+        - easgd: `x_A` (the plain all-reduce); the centre `z` is engine state (`_elastic_update` moves both);
+        - lsgd: the leader's weights, broadcast from the leader after one all-reduce of every worker's loss;
+        - grawa: `sum_i w_i x_i / sum_i w_i`, one all-reduce of `(w_i / W) x_i` after one of every worker's `w_i`.
+
+        Non-finite workers: easgd finds them from the all-reduced sum, as dppf and avg do. For lsgd and grawa every
+        worker checks its own weights (one read pass) and sends NaN instead of its loss / weight when they are not
+        finite: such a worker is never the leader, has no weight, and takes the centre (`config.nonfinite_policy`).
+
+        Returns this worker's `||x_i - centre||^2`, `||centre||^2` over the parameters, the number of healthy workers
+        and whether this one is healthy (as `_reduce_healthy`).
+        """
+        if rule.centre == "elastic":
+            _, _, count, mine = self._reduce_healthy(keep_average=True, where="round")
+            pairs = [
+                p if mine else (p[1], p[1])  # a re-seeded worker's own distance does not count
+                for b in self._buckets
+                if b.is_param
+                for x, z in zip(b.tensors, self._centre_of(b))
+                for p in _chunk_pairs(x, z)
+            ]
+            sq_d, sq_c = self._over_shards(list(self._pair_norms(pairs)))
+            return sq_d, sq_c, count, mine
+        if rule.centre not in ("leader", "weighted"):
+            raise ValueError(f"strategy {rule.name!r} has centre {rule.centre!r}, expected one of {CENTRES}.")
+        buckets = self._ensure_buckets()
+        if rule.centre == "leader":
+            value = observed["loss"] if math.isfinite(observed["loss"]) else math.inf  # a NaN loss never leads
+        else:
+            value = grawa_weight(observed["grad_norm"], self.config.eps)
+        if self.norm_group is not None:  # a sharded worker: its ranks' losses (or norms) make one value
+            value = self._over_shards([value])[0] / dist.get_world_size(self.norm_group)
+        shared = torch.zeros(self.world_size, dtype=torch.float64, device=self._device())
+        shared[self.rank] = value if self._worker_finite() else math.nan
+        self._all_reduce(shared)
+        values = shared.tolist()
+        healthy = [i for i, v in enumerate(values) if not math.isnan(v)]
+        if len(healthy) < self.world_size:
+            self._nonfinite(healthy, "round")  # raises under nonfinite_policy="raise" or when none is healthy
+        mine, leader, scale = self.rank in healthy, -1, 0.0
+        if rule.centre == "leader":
+            leader = self.stats.leader = healthy[leader_rank([values[i] for i in healthy])]
+        else:
+            total = sum(values[i] for i in healthy)
+            if not total > 0:
+                raise RuntimeError(
+                    f"grawa: the workers' weights 1/(||g||+eps) sum to {total}: every healthy worker fed a non-finite "
+                    "gradient norm, so there is no centre to pull toward."
+                )
+            scale = values[self.rank] / total if mine else 0.0
+        for b in buckets:
+            b.holds_average = True
+            if b.is_param and leader >= 0:
+                if self.rank == leader:
+                    torch._foreach_copy_(b.views, b.tensors)
+                b.work = self._broadcast(b.comm, leader, async_op=True)
+                continue
+            if not mine:  # a worker with NaN/Inf weights sends zeros
+                b.comm.zero_()
+            elif b.is_param:
+                for x, c in b.segments:
+                    torch.mul(x, scale, out=c)
+            else:
+                torch._foreach_copy_(b.views, b.tensors)
+            b.work = self._all_reduce(b.comm, async_op=True)
+        pairs = []
+        for b in buckets:
+            self._wait(b.work)
+            b.work = None
+            if not b.is_param:
+                b.comm.div_(len(healthy))
+            else:
+                pairs += b.segments if mine else [(c, c) for _, c in b.segments]
+        sq_d, sq_c = self._over_shards(list(self._pair_norms(pairs)))
+        return sq_d, sq_c, len(healthy), mine
+
+    def _centre_of(self, bucket: _Bucket) -> list[torch.Tensor]:
+        """
+        easgd's centre variable for `bucket`'s tensors, by name: created from the average `x_A` (the bucket's views
+        after the all-reduce) the first time a tensor is seen, moved to the tensor's device and dtype if it changed.
+        """
+        out = []
+        for key, x, view in zip(bucket.keys, bucket.tensors, bucket.views):
+            z = self._centre.get(key)
+            if z is None:
+                z = view.to(x.dtype, copy=True)
+            elif z.shape != x.shape:
+                raise ValueError(
+                    f"easgd centre variable {key!r} has shape {tuple(z.shape)} but the parameter has {tuple(x.shape)}:"
+                    " the checkpoint belongs to another model."
+                )
+            elif (z.device, z.dtype) != (x.device, x.dtype):
+                z = z.to(device=x.device, dtype=x.dtype)
+            self._centre[key] = z
+            out.append(z)
+        return out
+
+    def _elastic_update(self, c: float) -> None:
+        """easgd: `x_i <- z + c (x_i - z)` (c = 1 - alpha), then `z <- z + beta (x_A - z)`; buffers get `x_A`."""
+        beta = self.config.moving_rate
+        for b in self._buckets:
+            if not b.is_param:
+                torch._foreach_copy_(b.tensors, b.views)
+                continue
+            z = self._centre_of(b)
+            if c == 0.0:  # alpha = 1, or a re-seeded worker (lerp would keep a NaN: NaN * 0 is NaN)
+                torch._foreach_copy_(b.tensors, z)
+            else:
+                torch._foreach_lerp_(b.tensors, z, 1.0 - c)
+            average = b.views if b.same_dtype else [v.to(x.dtype) for v, x in zip(b.views, b.tensors)]
+            torch._foreach_lerp_(z, average, beta)
+
+    # ------------------------------------------------------------------ what lsgd and grawa need from each worker
+    def observe(
+        self, *, loss: float | torch.Tensor | None = None, grad_norm: float | torch.Tensor | None = None
+    ) -> None:
+        """
+        Feed this worker's training loss and/or gradient norm of one (micro-)step. A round uses the mean of what was
+        fed since the previous round (or, if nothing was, the previous round's value). Values the configured strategy
+        does not use are dropped, so integrations may always feed both. Tensors are summed without a device sync.
+
+        Args:
+            loss (`float` or `torch.Tensor`, *optional*): the training loss (a scalar); used by `strategy="lsgd"`.
+            grad_norm (`float` or `torch.Tensor`, *optional*): the global L2 norm of the gradient the optimizer
+                step receives; used by `strategy="grawa"`.
+        """
+        needs = STRATEGIES[self.config.strategy].needs
+        for kind, value in (("loss", loss), ("grad_norm", grad_norm)):
+            if value is None or kind not in needs:
+                continue
+            window = self._window[kind]
+            window[0] = window[0] + (value.detach().double() if isinstance(value, torch.Tensor) else float(value))
+            window[1] += 1
+
+    def _observed(self, kind: str, strategy: str) -> float:
+        """The mean fed since the last round (the window is then emptied), else the last round's value."""
+        total, count = self._window[kind]
+        if count:
+            self._last_observed[kind] = float(total) / count
+            self._window[kind] = [0.0, 0]
+        value = self._last_observed[kind]
+        if value is None:
+            raise RuntimeError(
+                f"strategy={strategy!r} needs each worker's {kind} but none was observed: call "
+                f"engine.observe({kind}=...) every step before the round (Accelerate: dppf.observe({kind}=...) before "
+                "optimizer.step(); DPPFTrainer feeds it itself)."
+            )
+        return value
 
     def average(self) -> DPPFStats:
         """Set every worker to the average (one averaging round, whatever the strategy)."""
@@ -562,19 +781,32 @@ class DPPFConsensus:
         """Copy rank `src`'s (group rank) parameters and floating buffers to every rank, e.g. before training."""
         if self.world_size == 1:
             return
-        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
         for b in self._ensure_buckets():
             torch._foreach_copy_(b.views, b.tensors)
-            self._count(b.comm)
-            self._wait(dist.broadcast(b.comm, src=global_src, group=self.group, async_op=True))
+            self._broadcast(b.comm, src)
             torch._foreach_copy_(b.tensors, b.views)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The step counter, statistics and config: everything needed to continue exactly after a restart."""
-        return {"format": 1, "config": self.config.to_dict(), "stats": asdict(self.stats)}
+        """
+        Everything needed to continue exactly after a restart: the step counter, statistics and config, what
+        `observe()` was fed since the last round (`"observed"`, JSON-able), and easgd's centre variable (`"centre"`,
+        parameter name -> tensor, empty for the other strategies; save it with safetensors, not JSON).
+        """
+        observed = {
+            kind: {"sum": float(total), "count": count, "last": self._last_observed[kind]}
+            for kind, (total, count) in self._window.items()
+        }
+        return {
+            "format": 1,
+            "config": self.config.to_dict(),
+            "stats": asdict(self.stats),
+            "observed": observed,
+            "centre": {k: v.detach().clone() for k, v in self._centre.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output (states written before `"observed"` and `"centre"` existed load too)."""
         if not isinstance(state, dict) or state.get("format") != 1 or "stats" not in state:
             raise ValueError("Not a DPPFConsensus state dict (expected keys 'format'=1, 'config', 'stats').")
         saved = state.get("config", {})
@@ -583,6 +815,12 @@ class DPPFConsensus:
         if changed:
             logger.warning("DPPF: resuming with a changed config (saved -> now): %s", changed)
         self.stats = DPPFStats(**state["stats"])
+        for kind in _OBSERVABLES:
+            entry = state.get("observed", {}).get(kind, {"sum": 0.0, "count": 0, "last": None})
+            self._window[kind] = [entry["sum"], entry["count"]]
+            self._last_observed[kind] = entry["last"]
+        # moved to each parameter's device and dtype at the next round
+        self._centre = {k: v.detach().clone() for k, v in state.get("centre", {}).items()}
 
 
 def _first_difference(fingerprints: list[dict[str, Any]]) -> str:

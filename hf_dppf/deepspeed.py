@@ -328,6 +328,10 @@ class DeepSpeedDPPF:
         """Set every replica to the average (one averaging round)."""
         return self.round(strategy="avg")
 
+    def observe(self, *, loss: Any = None, grad_norm: Any = None) -> None:
+        """Feed this rank's loss / gradient norm (lsgd, grawa); a replica's ranks are averaged at the round."""
+        self.consensus.observe(loss=loss, grad_norm=grad_norm)
+
     def step(self, push_scale: float = 1.0) -> bool:
         """Count one optimizer step (call it at each gradient-accumulation boundary); run a round when one is due."""
         ran = self.consensus.step(push_scale)

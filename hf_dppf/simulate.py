@@ -2,17 +2,20 @@
 The reference: M workers held in one process, one consensus round written as plainly as the math.
 
 `DPPFConsensus` (buckets, asynchronous all-reduce, chunked norms, fused updates) must produce what this module
-produces; the tests compare the two to 1e-6. Computed in float64 and cast back to each tensor's dtype.
+produces; the tests compare the two to 1e-6. Computed in float64 and cast back to each tensor's dtype. The baselines
+take what the engine gets from `observe()` and its own state as explicit inputs: every worker's loss (lsgd), gradient
+norm (grawa) and the centre variable (easgd).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .config import DPPFConfig
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, grawa_weight, leader_rank
 
 
 def _average(workers: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
@@ -35,8 +38,30 @@ def distances_to_average(workers: Sequence[Sequence[torch.Tensor]]) -> list[floa
     return [torch.sqrt(sum(((t.double() - a) ** 2).sum() for t, a in zip(w, avg))).item() for w in workers]
 
 
+@dataclass
+class SimulatedRound:
+    """
+    One simulated round.
+
+    Attributes:
+        workers (`list[list[torch.Tensor]]`): the workers after the round, in their own dtypes.
+        centre (`list[torch.Tensor] | None`): easgd's centre variable after the round (float64), else `None`.
+        leader (`int`): lsgd's leader, else -1.
+    """
+
+    workers: list[list[torch.Tensor]]
+    centre: list[torch.Tensor] | None = None
+    leader: int = -1
+
+
 def simulate_round(
-    workers: Sequence[Sequence[torch.Tensor]], config: DPPFConfig, push_scale: float = 1.0
+    workers: Sequence[Sequence[torch.Tensor]],
+    config: DPPFConfig,
+    push_scale: float = 1.0,
+    *,
+    losses: Sequence[float] | None = None,
+    grad_norms: Sequence[float] | None = None,
+    centre: Sequence[torch.Tensor] | None = None,
 ) -> list[list[torch.Tensor]]:
     """
     Apply one consensus round to M workers held in memory, with no communication.
@@ -44,11 +69,16 @@ def simulate_round(
     Args:
         workers (`Sequence[Sequence[torch.Tensor]]`):
             `workers[i][j]` is worker i's j-th trainable parameter; every worker has the same shapes.
-        config (`DPPFConfig`): the rule (`strategy`, `alpha`, `lam` or `width`, `eps`).
+        config (`DPPFConfig`): the rule (`strategy`, `alpha`, `lam` or `width`, `beta`, `eps`).
         push_scale (`float`, defaults to 1.0): multiplies the push, as the engine's `round(push_scale=...)`.
+        losses (`Sequence[float]`, *optional*): every worker's loss since the last round (`strategy="lsgd"`).
+        grad_norms (`Sequence[float]`, *optional*): every worker's gradient norm (`strategy="grawa"`).
+        centre (`Sequence[torch.Tensor]`, *optional*):
+            easgd's centre variable before the round; `None` on the first round (it starts at the average).
 
     Returns:
-        `list[list[torch.Tensor]]`: the workers after the round (new tensors; the inputs are not modified).
+        `list[list[torch.Tensor]]`: the workers after the round (new tensors; the inputs are not modified). Use
+        `simulate_consensus` for easgd's new centre and lsgd's leader as well.
 
     Example:
         ```python
@@ -57,9 +87,50 @@ def simulate_round(
         [[tensor([0.5000])], [tensor([3.5000])]]
         ```
     """
+    return simulate_consensus(workers, config, push_scale, losses=losses, grad_norms=grad_norms, centre=centre).workers
+
+
+def simulate_consensus(
+    workers: Sequence[Sequence[torch.Tensor]],
+    config: DPPFConfig,
+    push_scale: float = 1.0,
+    *,
+    losses: Sequence[float] | None = None,
+    grad_norms: Sequence[float] | None = None,
+    centre: Sequence[torch.Tensor] | None = None,
+) -> SimulatedRound:
+    """`simulate_round` that also returns easgd's centre after the round and lsgd's leader (`SimulatedRound`)."""
     _check(workers)
     strategy = STRATEGIES[config.strategy]
     avg = _average(workers)
+    m, alpha = len(workers), config.alpha
+    for name, given in (("loss", losses), ("grad_norm", grad_norms)):
+        if name in strategy.needs and (given is None or len(given) != m):
+            raise ValueError(f"strategy={config.strategy!r} needs one {name} per worker ({m}), got {given!r}.")
+    if strategy.centre == "elastic":
+        z = avg if centre is None else [c.double() for c in centre]
+        if m == 1:  # the engine runs no round with one worker (plain local training)
+            return SimulatedRound([[t.clone() for t in w] for w in workers], z)
+        # EASGD (Zhang et al. 2015), synchronous: both moves use the values from before the round.
+        new_z = [zj + config.moving_rate * (aj - zj) for zj, aj in zip(z, avg)]
+        out = [[(t.double() - alpha * (t.double() - zj)).to(t.dtype) for t, zj in zip(w, z)] for w in workers]
+        return SimulatedRound(out, new_z)
+    if strategy.centre == "leader":
+        leader = leader_rank(list(losses))
+        x_l = [t.double() for t in workers[leader]]
+        out = [
+            [t.clone() for t in w]
+            if i == leader
+            else [(t.double() - alpha * (t.double() - c)).to(t.dtype) for t, c in zip(w, x_l)]
+            for i, w in enumerate(workers)
+        ]
+        return SimulatedRound(out, leader=leader)
+    if strategy.centre == "weighted":
+        weights = [grawa_weight(g, config.eps) for g in grad_norms]
+        total = sum(weights)
+        c = [sum(wi * w[j].double() for wi, w in zip(weights, workers)) / total for j in range(len(avg))]
+        out = [[(t.double() - alpha * (t.double() - cj)).to(t.dtype) for t, cj in zip(w, c)] for w in workers]
+        return SimulatedRound(out)
     average_norm = torch.sqrt(sum((a**2).sum() for a in avg)).item()
     lam = config.push_strength(average_norm, push_scale)
     out = []
@@ -74,4 +145,4 @@ def simulate_round(
             c = strategy.coefficient(r, config.alpha, lam, config.eps)
             new = [a + c * di for a, di in zip(avg, d)]
         out.append([n.to(t.dtype) for n, t in zip(new, w)])
-    return out
+    return SimulatedRound(out)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import transformers.trainer
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -38,6 +38,7 @@ DPPF_CHECKPOINT_DIR = "dppf"
 WORKER_WEIGHTS_NAME = "model.safetensors"
 WORKER_OPTIMIZER_NAME = "optimizer.pt"
 WORKER_STATE_NAME = "dppf_state.json"
+WORKER_CENTRE_NAME = "centre.safetensors"  # easgd's centre variable (engine state that is tensors)
 # Under DeepSpeed: `dppf/replica{k}/` holds replica k's DeepSpeed checkpoint (its ZeRO shards) and engine state.
 REPLICA_DIR = "replica{}"
 DEEPSPEED_TAG = "deepspeed"  # a fixed tag: DeepSpeed's `latest` file is written by global rank 0 only
@@ -62,8 +63,8 @@ class DPPFTrainingArguments(DPPFArguments, TrainingArguments):
         dppf (`bool`, defaults to `False`):
             Train with DPPF: local steps without gradient all-reduce, a consensus round every `dppf_tau` optimizer
             steps; evaluate and save the workers' average. `False` is the stock `Trainer` (DDP).
-        dppf_tau, dppf_alpha, dppf_lambda, dppf_width, dppf_lam_schedule, dppf_strategy, dppf_warmup_steps,
-        dppf_bucket_mb, dppf_comm_dtype, dppf_eps:
+        dppf_tau, dppf_alpha, dppf_lambda, dppf_width, dppf_lam_schedule, dppf_strategy, dppf_beta,
+        dppf_warmup_steps, dppf_bucket_mb, dppf_comm_dtype, dppf_eps:
             The `DPPFConfig` fields `tau`, `alpha`, `lam`, `width`, ... (see `hf_dppf.DPPFConfig`).
 
     Example:
@@ -117,10 +118,14 @@ class DPPFTrainer(Trainer):
       average, computed without touching the workers' own weights or optimizer states. After `train()` every worker
       holds the average, which is the model the run produces.
     - A checkpoint also holds, under `dppf/rank{r}/`, worker r's own weights (safetensors), optimizer state and engine
-      state, next to the stock per-rank RNG files and the scheduler, so `resume_from_checkpoint` continues exactly
-      (same number of processes required). A stock DDP checkpoint resumes too: every worker starts from it.
+      state (easgd's centre variable in `centre.safetensors`), next to the stock per-rank RNG files and the
+      scheduler, so `resume_from_checkpoint` continues exactly (same number of processes required). A stock DDP
+      checkpoint resumes too: every worker starts from it.
     - `dppf/valley_width`, `dppf/bytes`, `dppf/round_ms`, `dppf/rounds`, ... are added to the training logs, so they
       reach every `report_to` integration and the progress bar.
+    - The baselines get what they need from the stock loop: `lsgd` the loss of every micro-batch as `training_step`
+      returns it (the value the Trainer logs), `grawa` the gradient norm the Trainer computes before clipping (the
+      logged `grad_norm`; after clipping every norm above `max_grad_norm` would be the same and the weights equal).
     - With DeepSpeed (`--deepspeed ds_config.json` or an Accelerate DeepSpeed config) the workers are replicas of
       `--dppf_replica_size` processes: ZeRO shards and synchronises inside each replica every step, DPPF runs across
       replicas shard by shard (`hf_dppf.deepspeed`); checkpoints hold each replica's DeepSpeed checkpoint under
@@ -145,6 +150,7 @@ class DPPFTrainer(Trainer):
         self._dppf_ddp_flags: dict[str, bool] = {}
         self._dppf_lr0 = 0.0
         self._dppf_in_sync = False  # every worker known to hold the same weights (after the final average)
+        self._dppf_feed_loss = True  # `training_step` feeds its loss to the engine (lsgd)
         if self.dppf_enabled:
             self._check_dppf_setup()
             if self.is_deepspeed_enabled:
@@ -168,6 +174,13 @@ class DPPFTrainer(Trainer):
             raise ImportError(
                 f"--dppf needs a transformers release whose Trainer has _prepare_for_training (tested: 5.24); "
                 f"found {transformers.__version__}."
+            )
+        if not hasattr(Trainer, "_get_grad_norm"):  # where grawa's gradient norm is read (transformers 5)
+            import transformers
+
+            raise ImportError(
+                f"--dppf needs a transformers release whose Trainer has _get_grad_norm (tested: 5.24); found "
+                f"{transformers.__version__}."
             )
         if not isinstance(self.args, DPPFTrainingArguments):
             raise TypeError(f"args.dppf needs a DPPFTrainingArguments, got {type(self.args).__name__}.")
@@ -252,7 +265,11 @@ class DPPFTrainer(Trainer):
             self._dppf_engine = DeepSpeedDPPF(self.model_wrapped, self.args.dppf_config, self._dppf_groups)
             if checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint)):
                 with open(os.path.join(self._dppf_worker_dir(checkpoint), WORKER_STATE_NAME)) as f:
-                    self._dppf_engine.load_state_dict(json.load(f)["engine"])
+                    engine = json.load(f)["engine"]
+                centre = self._dppf_centre_file(self._dppf_worker_dir(checkpoint))
+                if os.path.isfile(centre):
+                    engine["centre"] = load_file(centre)
+                self._dppf_engine.load_state_dict(engine)
                 self._dppf_engine.verify_ranks()  # every replica resumed from the same step
             return
         self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
@@ -269,6 +286,9 @@ class DPPFTrainer(Trainer):
                     "average instead, load the checkpoint folder as the model (from_pretrained) without resuming."
                 )
             load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))  # copied into the params in place
+            centre = self._dppf_centre_file(worker)
+            if os.path.isfile(centre):
+                saved["engine"]["centre"] = load_file(centre)
             self._dppf_engine.load_state_dict(saved["engine"])
             self._dppf_engine.verify_ranks()  # every rank resumed from the same step
         elif checkpoint is not None:
@@ -309,6 +329,29 @@ class DPPFTrainer(Trainer):
         optimizer = self._dppf_lr_optimizer()
         if self._dppf_engine.step(lr_push_scale(self.args.dppf_config, optimizer, self._dppf_lr0)):
             after_round(self._dppf_engine, optimizer)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        """The stock step; with DPPF its loss is fed to the engine (`lsgd` elects the lowest-loss worker)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._dppf_engine is not None and self._dppf_feed_loss:
+            self._dppf_engine.observe(loss=loss)
+        return loss
+
+    @contextlib.contextmanager
+    def dppf_loss_unobserved(self) -> Iterator[None]:
+        """Inside the block `training_step` feeds no loss to the engine (e.g. SAM's pass at the perturbed weights)."""
+        before, self._dppf_feed_loss = self._dppf_feed_loss, False
+        try:
+            yield
+        finally:
+            self._dppf_feed_loss = before
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """The stock gradient norm (before clipping); with DPPF it is fed to the engine (`grawa` weighs by it)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self._dppf_engine is not None and grad_norm is not None:
+            self._dppf_engine.observe(grad_norm=grad_norm)
+        return grad_norm
 
     def _dppf_finish(self) -> None:
         """End of `train()`: every worker takes the average, which is the model the run produces."""
@@ -409,17 +452,31 @@ class DPPFTrainer(Trainer):
             return self._dppf_save_deepspeed(output_dir, worker)
         save_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME), force_contiguous=True)
         torch.save(self.optimizer.state_dict(), os.path.join(worker, WORKER_OPTIMIZER_NAME))
-        state = {"world_size": self.args.world_size, "engine": self._dppf_engine.state_dict()}
+        engine = self._dppf_engine.state_dict()
+        centre = engine.pop("centre", {})
+        if centre:
+            save_file({k: v.contiguous() for k, v in centre.items()}, self._dppf_centre_file(worker))
+        state = {"world_size": self.args.world_size, "engine": engine}
         with open(os.path.join(worker, WORKER_STATE_NAME), "w") as f:
             json.dump(state, f, indent=2)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
+    def _dppf_centre_file(self, worker: str) -> str:
+        """easgd's centre variable in a worker folder (one file per shard under DeepSpeed replicas)."""
+        if self._dppf_groups is None:
+            return os.path.join(worker, WORKER_CENTRE_NAME)
+        return os.path.join(worker, f"shard{self._dppf_groups.shard_index}-{WORKER_CENTRE_NAME}")
+
     def _dppf_save_deepspeed(self, output_dir: str, worker: str) -> None:
         """Each replica's DeepSpeed checkpoint (its ranks' shards) and engine state, and the torch scheduler."""
         self.model_wrapped.save_checkpoint(worker, tag=DEEPSPEED_TAG)
+        engine = self._dppf_engine.state_dict()
+        centre = engine.pop("centre", {})
+        if centre:  # easgd: this rank's shard of the centre variable
+            save_file({k: v.contiguous() for k, v in centre.items()}, self._dppf_centre_file(worker))
         if self._dppf_groups.shard_index == 0:
-            state = {"world_size": self.args.world_size, "engine": self._dppf_engine.state_dict()}
+            state = {"world_size": self.args.world_size, "engine": engine}
             with open(os.path.join(worker, WORKER_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2)
         from accelerate.utils import DeepSpeedSchedulerWrapper

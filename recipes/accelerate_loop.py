@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                 with accelerator.accumulate(model):
                     loss = F.cross_entropy(model(x), y)
                     accelerator.backward(loss)
+                    dppf.observe(loss=loss)  # --dppf_strategy lsgd elects the lowest-loss worker (others: dropped)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()

@@ -1,4 +1,4 @@
-"""`hf-dppf bench` end to end on a tiny model: two spawned gloo processes, a table with the three methods."""
+"""`hf-dppf bench` end to end on a tiny model: two spawned gloo processes, a table with every method and strategy."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
         "2",
         "--output",
         str(out),
+        "--strategies",
+        "dppf",
+        "easgd",
+        "lsgd",
+        "grawa",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,6 +36,9 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
     assert set(rows) == {
         "flat all-reduce (floor)",
         "DPPFConsensus.round()",
+        "DPPFConsensus.round() [easgd]",
+        "DPPFConsensus.round() [lsgd]",
+        "DPPFConsensus.round() [grawa]",
         "copy + bucketed all-reduce (no pull-push)",
         "accelerate LocalSGD averaging",
     }

@@ -44,6 +44,7 @@ BAD_VALUES: dict[str, list] = {
     "width": [-0.1, float("nan")],
     "lam_schedule": ["cosine"],
     "strategy": ["sam"],
+    "beta": [0, 1.5, float("nan")],
     "warmup_steps": [-1, 2.5],
     "bucket_mb": [0, -1.0, float("inf")],
     "comm_dtype": ["int8"],
