@@ -288,12 +288,14 @@ class DPPFConsensus:
         partial_d: list[torch.Tensor] = []
         partial_c: list[torch.Tensor] = []
         for x, c in pairs:
-            if self._scratch is None or self._scratch.device != x.device or self._scratch.numel() < x.numel():
-                self._scratch = torch.empty(max(_CHUNK, x.numel()), dtype=torch.float32, device=x.device)
-            tmp = self._scratch[: x.numel()].view(x.shape)
+            dtype = torch.promote_types(torch.promote_types(x.dtype, c.dtype), torch.float32)  # float64 stays float64
+            scratch = self._scratch
+            if scratch is None or (scratch.device, scratch.dtype) != (x.device, dtype) or scratch.numel() < x.numel():
+                scratch = self._scratch = torch.empty(max(_CHUNK, x.numel()), dtype=dtype, device=x.device)
+            tmp = scratch[: x.numel()].view(x.shape)
             torch.sub(x, c, out=tmp)
             partial_d.append(torch.linalg.vector_norm(tmp))
-            partial_c.append(torch.linalg.vector_norm(c, dtype=torch.float32))
+            partial_c.append(torch.linalg.vector_norm(c, dtype=torch.promote_types(c.dtype, torch.float32)))
         if not partial_d:
             return 0.0, 0.0
         sq_d = torch.stack(partial_d).double().square().sum().item()
@@ -390,6 +392,7 @@ class DPPFConsensus:
             b.holds_average = True
         partial_d: list[torch.Tensor] = []
         partial_a: list[torch.Tensor] = []
+        sq_d = sq_a = 0.0
         finite = True
         for b in buckets:  # bucket k's math runs while buckets k+1, ... are still in flight
             self._wait(b.work)
@@ -409,15 +412,10 @@ class DPPFConsensus:
             if not b.is_param:  # buffers are few and small: check them directly
                 finite = finite and bool(torch.isfinite(b.comm).all())
                 continue
-            if self._scratch is None or self._scratch.device != b.comm.device:
-                self._scratch = torch.empty(_CHUNK, dtype=torch.float32, device=b.comm.device)
-            for x, a in b.segments:
-                tmp = self._scratch[: x.numel()].view(x.shape)
-                torch.sub(x, a, out=tmp)
-                partial_d.append(torch.linalg.vector_norm(tmp) * m)
-                partial_a.append(torch.linalg.vector_norm(a, dtype=torch.float32) * m)
-        sq_d = torch.stack(partial_d).double().square().sum().item() / m**2 if partial_d else 0.0
-        sq_a = torch.stack(partial_a).double().square().sum().item() / m**2 if partial_a else 0.0
+            d, a = self._pair_norms(b.segments)  # (x_i, x_A) chunk pairs, while later buckets are still in flight
+            sq_d, sq_a = sq_d + d, sq_a + a
+        sq_d += torch.stack(partial_d).double().square().sum().item() / m**2 if partial_d else 0.0
+        sq_a += torch.stack(partial_a).double().square().sum().item() / m**2 if partial_a else 0.0
         return sq_d, sq_a, finite and math.isfinite(sq_a)
 
     # ------------------------------------------------------------------ non-finite workers
