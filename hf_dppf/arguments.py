@@ -101,6 +101,7 @@ class DPPFArguments:
     dppf_nonfinite_policy: str = _dppf_field("nonfinite_policy")
     dppf_timeout_s: float | None = _dppf_field("timeout_s")
     dppf_overlap_steps: int = _dppf_field("overlap_steps")
+    dppf_replica_size: int = _dppf_field("replica_size")
 
     def __post_init__(self) -> None:
         self.dppf_config = self.build_dppf_config()

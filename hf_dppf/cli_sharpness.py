@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from .cli_types import POSITIVE_FLOAT, POSITIVE_INT, number
-from .data import load_bbc_news, load_digits_images
+from .data import load_bbc_news, load_digits_images, load_mnist_sample
 
 TASKS = ("auto", "sequence-classification", "causal-lm", "image-classification")
-BUILTIN_DATASETS = ("bbcnews", "digits")
+BUILTIN_DATASETS = ("bbcnews", "digits", "mnist")  # the offline data of the text and image recipes
 REFERENCES = ("epsilon", "eigenvalue", "trace")
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _ARCHITECTURE_TASKS = {
@@ -101,7 +101,8 @@ def add_direction_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------ the data
 def _builtin_dataset(name: str) -> Any:
     """A built-in dataset split 80/20, stratified, with seed 0 (as the recipes split their offline data)."""
-    dataset = load_bbc_news() if name == "bbcnews" else load_digits_images()
+    loaders = {"bbcnews": load_bbc_news, "digits": load_digits_images, "mnist": load_mnist_sample}
+    dataset = loaders[name]()
     return dataset.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
 
 

@@ -94,6 +94,10 @@ class DPPFConfig:
             correction computed from the snapshot, `x_i += round(snapshot)_i - snapshot_i`, so the local progress
             made meanwhile is kept. Costs one extra copy of the trainable weights (the snapshot). Rounds during
             warmup stay blocking. Only for the strategies that pull toward the plain average (`dppf`, `avg`).
+        replica_size (`int`, defaults to 1):
+            Processes per worker (replica) under DeepSpeed ZeRO: world size = `replica_size` x replicas; inside a
+            replica ZeRO shards and synchronises every step, across replicas DPPF runs on each shard. 1 (flat) makes
+            every process a worker (ZeRO-0/1 only). Needs DeepSpeed when > 1.
     """
 
     tau: int = 4
@@ -110,6 +114,7 @@ class DPPFConfig:
     nonfinite_policy: str = "reseed"
     timeout_s: float | None = None
     overlap_steps: int = 0
+    replica_size: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1:
@@ -151,6 +156,8 @@ class DPPFConfig:
                 f"0 with strategy={self.strategy!r}: overlapped rounds only apply to the strategies that pull toward "
                 "the plain average ('dppf', 'avg')",
             )
+        if isinstance(self.replica_size, bool) or not isinstance(self.replica_size, int) or self.replica_size < 1:
+            raise _bad("replica_size", self.replica_size, "an integer >= 1 (processes per replica)")
         if not STRATEGIES[self.strategy].pushes and (self.lam or self.width):
             raise ValueError(
                 f"DPPFConfig: strategy={self.strategy!r} does not push, so lam={self.lam!r} / width={self.width!r} "

@@ -12,7 +12,7 @@ A round, per bucket of ~`bucket_mb` MiB (parameters of one dtype and device, pac
 The baseline strategies pull toward another centre (`hf_dppf.strategies`): `easgd` all-reduces like `avg` and pulls
 toward its centre variable `z` (engine state, one tensor per parameter name, checkpointed), which then moves toward
 `x_A`; `lsgd` elects the lowest-loss worker with one tiny all-reduce and broadcasts its weights into the buffers;
-`grawa` all-reduces `w_i / W * x_i` after one scalar all-reduce of `W = sum_i w_i`. The write-back is the same lerp.
+`grawa` all-reduces `w_i / W * x_i` after one all-reduce of every worker's `w_i`. The write-back is the same lerp.
 The loss and gradient norm those two need are fed between rounds with `observe()`.
 
 Overlapped rounds (`overlap_steps = k > 0`, `dppf` and `avg`): `launch()` copies the weights into a per-bucket snapshot
@@ -171,6 +171,12 @@ class DPPFConsensus:
         process_group (`torch.distributed.ProcessGroup`, *optional*):
             Restrict the round to this group (e.g. one cross-replica group). Defaults to the whole world; without an
             initialised process group the engine runs with M = 1 (plain local training).
+        norm_group (`torch.distributed.ProcessGroup`, *optional*):
+            The ranks that hold the other shards of this worker (e.g. one ZeRO replica group), when the tensors are
+            only this rank's shard of the worker's weights. The sums of squares behind `r_i` and `||x_A||`, and the
+            finiteness checks, are added up over this group (one all-reduce of three numbers per round), so every
+            shard of a worker is scaled by the same global `r_i` and a worker is healthy only if all its shards are.
+            Defaults to none: the tensors are the whole worker.
 
     Example:
         ```python
@@ -189,6 +195,7 @@ class DPPFConsensus:
         params_or_module: torch.nn.Module | Iterable[torch.Tensor],
         config: DPPFConfig | None = None,
         process_group: dist.ProcessGroup | None = None,
+        norm_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.config = config if config is not None else DPPFConfig()
         if not isinstance(self.config, DPPFConfig):
@@ -198,10 +205,11 @@ class DPPFConsensus:
         if self._explicit is not None and not all(isinstance(t, torch.Tensor) for t in self._explicit):
             raise TypeError("params_or_module must be a torch.nn.Module or an iterable of tensors.")
         self.group = process_group
+        self.norm_group = norm_group
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
-        if self.world_size == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError(
                 f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no torch.distributed process group is initialised, so "
                 "every worker would train alone. Initialise it first (Accelerate: build the Accelerator before DPPF;"
@@ -308,12 +316,14 @@ class DPPFConsensus:
         partial_d: list[torch.Tensor] = []
         partial_c: list[torch.Tensor] = []
         for x, c in pairs:
-            if self._scratch is None or self._scratch.device != x.device or self._scratch.numel() < x.numel():
-                self._scratch = torch.empty(max(_CHUNK, x.numel()), dtype=torch.float32, device=x.device)
-            tmp = self._scratch[: x.numel()].view(x.shape)
+            dtype = torch.promote_types(torch.promote_types(x.dtype, c.dtype), torch.float32)  # float64 stays float64
+            scratch = self._scratch
+            if scratch is None or (scratch.device, scratch.dtype) != (x.device, dtype) or scratch.numel() < x.numel():
+                scratch = self._scratch = torch.empty(max(_CHUNK, x.numel()), dtype=dtype, device=x.device)
+            tmp = scratch[: x.numel()].view(x.shape)
             torch.sub(x, c, out=tmp)
             partial_d.append(torch.linalg.vector_norm(tmp))
-            partial_c.append(torch.linalg.vector_norm(c, dtype=torch.float32))
+            partial_c.append(torch.linalg.vector_norm(c, dtype=torch.promote_types(c.dtype, torch.float32)))
         if not partial_d:
             return 0.0, 0.0
         sq_d = torch.stack(partial_d).double().square().sum().item()
@@ -410,6 +420,7 @@ class DPPFConsensus:
             b.holds_average = True
         partial_d: list[torch.Tensor] = []
         partial_a: list[torch.Tensor] = []
+        sq_d = sq_a = 0.0
         finite = True
         for b in buckets:  # bucket k's math runs while buckets k+1, ... are still in flight
             self._wait(b.work)
@@ -429,15 +440,10 @@ class DPPFConsensus:
             if not b.is_param:  # buffers are few and small: check them directly
                 finite = finite and bool(torch.isfinite(b.comm).all())
                 continue
-            if self._scratch is None or self._scratch.device != b.comm.device:
-                self._scratch = torch.empty(_CHUNK, dtype=torch.float32, device=b.comm.device)
-            for x, a in b.segments:
-                tmp = self._scratch[: x.numel()].view(x.shape)
-                torch.sub(x, a, out=tmp)
-                partial_d.append(torch.linalg.vector_norm(tmp) * m)
-                partial_a.append(torch.linalg.vector_norm(a, dtype=torch.float32) * m)
-        sq_d = torch.stack(partial_d).double().square().sum().item() / m**2 if partial_d else 0.0
-        sq_a = torch.stack(partial_a).double().square().sum().item() / m**2 if partial_a else 0.0
+            d, a = self._pair_norms(b.segments)  # (x_i, x_A) chunk pairs, while later buckets are still in flight
+            sq_d, sq_a = sq_d + d, sq_a + a
+        sq_d += torch.stack(partial_d).double().square().sum().item() / m**2 if partial_d else 0.0
+        sq_a += torch.stack(partial_a).double().square().sum().item() / m**2 if partial_a else 0.0
         return sq_d, sq_a, finite and math.isfinite(sq_a)
 
     # ------------------------------------------------------------------ non-finite workers
@@ -454,7 +460,7 @@ class DPPFConsensus:
     def _healthy_workers(self) -> list[int]:
         """Group ranks whose weights are all finite: one all-reduce of M flags (a collective)."""
         flags = torch.zeros(self.world_size, dtype=torch.float64, device=self._device())
-        flags[self.rank] = float(self._local_finite())
+        flags[self.rank] = float(self._worker_finite())
         self._all_reduce(flags)
         return [i for i, ok in enumerate(flags.tolist()) if ok]
 
@@ -480,7 +486,8 @@ class DPPFConsensus:
         keeping the average. Returns `r_i^2`, `||x_A||^2`, the number of healthy workers and whether this one is.
         """
         sq_d, sq_a, finite = self._reduce(keep_average=keep_average, norms=True)
-        if finite:
+        sq_d, sq_a, bad_shards = self._over_shards([sq_d, sq_a, float(not finite)])
+        if bad_shards == 0 and math.isfinite(sq_a):
             return sq_d, sq_a, self.world_size, True
         healthy = self._healthy_workers()
         self._nonfinite(healthy, where)
@@ -488,7 +495,21 @@ class DPPFConsensus:
         sq_d, sq_a, _ = self._reduce(
             keep_average=keep_average or not mine, norms=True, contribute=mine, count=len(healthy)
         )
+        sq_d, sq_a = self._over_shards([sq_d, sq_a])
         return sq_d, sq_a, len(healthy), mine
+
+    def _over_shards(self, values: list[float]) -> list[float]:
+        """A few numbers summed over `norm_group` (this worker's other shards); unchanged when there is none."""
+        if self.norm_group is None or dist.get_world_size(self.norm_group) == 1:
+            return values
+        sums = torch.tensor(values, dtype=torch.float64, device=self._device())
+        self._count(sums)
+        self._wait(dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.norm_group, async_op=True))
+        return sums.tolist()
+
+    def _worker_finite(self) -> bool:
+        """Whether all of this worker's weights (every shard of it, under `norm_group`) are finite."""
+        return self._over_shards([float(not self._local_finite())])[0] == 0
 
     @torch.no_grad()
     def ensure_finite(self) -> bool:
@@ -503,7 +524,7 @@ class DPPFConsensus:
         self.finish()
         self.last_reseeded = False
         if self.world_size == 1:
-            if not self._local_finite():
+            if not self._worker_finite():
                 raise RuntimeError("DPPF: the only worker's weights hold NaN/Inf; there is nothing to re-seed from.")
             return False
         healthy = self._healthy_workers()
@@ -547,6 +568,7 @@ class DPPFConsensus:
             params, _ = self._collect()
             norms = torch._foreach_norm(params) if params else []
             sq_d, sq_a, m, mine = 0.0, sum(n.double().square().item() for n in norms), 1, True
+            (sq_a,) = self._over_shards([sq_a])
             if not math.isfinite(sq_a):
                 self.ensure_finite()  # raises: nothing to re-seed from
         elif rule.centre == "average":
@@ -613,7 +635,7 @@ class DPPFConsensus:
                 for x, z in zip(b.tensors, self._centre_of(b))
                 for p in _chunk_pairs(x, z)
             ]
-            sq_d, sq_c = self._pair_norms(pairs)
+            sq_d, sq_c = self._over_shards(list(self._pair_norms(pairs)))
             return sq_d, sq_c, count, mine
         if rule.centre not in ("leader", "weighted"):
             raise ValueError(f"strategy {rule.name!r} has centre {rule.centre!r}, expected one of {CENTRES}.")
@@ -622,8 +644,10 @@ class DPPFConsensus:
             value = observed["loss"] if math.isfinite(observed["loss"]) else math.inf  # a NaN loss never leads
         else:
             value = grawa_weight(observed["grad_norm"], self.config.eps)
+        if self.norm_group is not None:  # a sharded worker: its ranks' losses (or norms) make one value
+            value = self._over_shards([value])[0] / dist.get_world_size(self.norm_group)
         shared = torch.zeros(self.world_size, dtype=torch.float64, device=self._device())
-        shared[self.rank] = value if self._local_finite() else math.nan
+        shared[self.rank] = value if self._worker_finite() else math.nan
         self._all_reduce(shared)
         values = shared.tolist()
         healthy = [i for i, v in enumerate(values) if not math.isnan(v)]
@@ -663,7 +687,7 @@ class DPPFConsensus:
                 b.comm.div_(len(healthy))
             else:
                 pairs += b.segments if mine else [(c, c) for _, c in b.segments]
-        sq_d, sq_c = self._pair_norms(pairs)
+        sq_d, sq_c = self._over_shards(list(self._pair_norms(pairs)))
         return sq_d, sq_c, len(healthy), mine
 
     def _centre_of(self, bucket: _Bucket) -> list[torch.Tensor]:
@@ -841,7 +865,8 @@ class DPPFConsensus:
                     partial_d.append(torch.linalg.vector_norm(snap, dtype=torch.float32))
         sq_d = torch.stack(partial_d).double().square().sum().item() if partial_d else 0.0
         sq_a = torch.stack(partial_a).double().square().sum().item() if partial_a else 0.0
-        if not (finite and math.isfinite(sq_a)):
+        sq_d, sq_a, bad_shards = self._over_shards([sq_d, sq_a, float(not finite)])  # global norms under sharding
+        if not (bad_shards == 0 and math.isfinite(sq_a)):
             logger.warning(
                 "DPPF: the overlapped round launched after optimizer step %d holds NaN/Inf (a worker's snapshot was "
                 "not finite); it is dropped and a blocking round runs on the current weights.",

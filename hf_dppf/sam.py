@@ -252,7 +252,8 @@ class SAMTrainer(DPPFTrainer):
         saved = ascend(params, self.sam_rho, bool(getattr(self.args, "sam_adaptive", False)))
         for p, g in zip(params, accumulated):
             p.grad = g
-        with frozen_running_stats(self.model):  # under the loop's own sync decision
+        # under the loop's own sync decision; lsgd elects on the loss at the weights, not at the perturbed point
+        with frozen_running_stats(self.model), self.dppf_loss_unobserved():
             super().training_step(model, dict(inputs), num_items_in_batch)
         restore(saved)
         return loss

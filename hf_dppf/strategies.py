@@ -123,7 +123,7 @@ STRATEGIES: dict[str, Strategy] = {
             "pull toward the average weighted by 1 / ||gradient|| of each worker by alpha (GRAWA)",
             centre="weighted",
             needs=("grad_norm",),
-            communication="all-reduce of 8 bytes (weights), all-reduce of P + B, all-reduce of 16 bytes",
+            communication="all-reduce of 8M bytes (weights), all-reduce of P + B, all-reduce of 16 bytes",
         ),
     )
 }

@@ -29,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .accelerate import _inner_optimizer, after_round, initial_lr, lr_push_scale, restore_ddp, silence_ddp
 from .arguments import DPPFArguments
 from .consensus import DPPFConsensus
+from .deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage, zero_stage_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ WORKER_WEIGHTS_NAME = "model.safetensors"
 WORKER_OPTIMIZER_NAME = "optimizer.pt"
 WORKER_STATE_NAME = "dppf_state.json"
 WORKER_CENTRE_NAME = "centre.safetensors"  # easgd's centre variable (engine state that is tensors)
+# Under DeepSpeed: `dppf/replica{k}/` holds replica k's DeepSpeed checkpoint (its ZeRO shards) and engine state.
+REPLICA_DIR = "replica{}"
+DEEPSPEED_TAG = "deepspeed"  # a fixed tag: DeepSpeed's `latest` file is written by global rank 0 only
 SCHEDULER_NAME = "scheduler.pt"  # the stock Trainer's file name: the schedule is the same on every worker
 # A checkpoint is written under this prefix and renamed to `checkpoint-N` once every rank has finished, so that a crash
 # while saving never leaves a half-written `checkpoint-N` for `resume_from_checkpoint=True` to pick.
@@ -74,6 +78,14 @@ class DPPFTrainingArguments(DPPFArguments, TrainingArguments):
             # Gathering token counts would be a collective per step and would scale each worker's loss by the others'.
             self.average_tokens_across_devices = False
         super().__post_init__()  # DPPFArguments (builds the config), then TrainingArguments
+        if self.dppf and self.dppf_config.replica_size > 1:
+            from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+            if is_deepspeed_zero3_enabled():
+                # `from_pretrained` after these arguments would build the model under zero.Init over every process;
+                # with replica groups DeepSpeed partitions it inside each replica when training starts instead.
+                unset_hf_deepspeed_config()
+                logger.info("DPPF: ZeRO-3 partitions the model inside each replica when the DeepSpeed engine starts.")
 
 
 class _DPPFCallback(TrainerCallback):
@@ -114,6 +126,10 @@ class DPPFTrainer(Trainer):
     - The baselines get what they need from the stock loop: `lsgd` the loss of every micro-batch as `training_step`
       returns it (the value the Trainer logs), `grawa` the gradient norm the Trainer computes before clipping (the
       logged `grad_norm`; after clipping every norm above `max_grad_norm` would be the same and the weights equal).
+    - With DeepSpeed (`--deepspeed ds_config.json` or an Accelerate DeepSpeed config) the workers are replicas of
+      `--dppf_replica_size` processes: ZeRO shards and synchronises inside each replica every step, DPPF runs across
+      replicas shard by shard (`hf_dppf.deepspeed`); checkpoints hold each replica's DeepSpeed checkpoint under
+      `dppf/replica{k}/`. ZeRO-2/3 need `--dppf_replica_size` > 1.
 
     `evaluate`, `predict` and `save_model` are collectives while the workers differ: call them on every process, as
     the stock scripts do.
@@ -129,12 +145,16 @@ class DPPFTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._dppf_engine: DPPFConsensus | None = None
+        self._dppf_engine: DPPFConsensus | DeepSpeedDPPF | None = None
+        self._dppf_groups: ReplicaGroups | None = None  # under DeepSpeed: ZeRO inside a replica, DPPF across
         self._dppf_ddp_flags: dict[str, bool] = {}
         self._dppf_lr0 = 0.0
         self._dppf_in_sync = False  # every worker known to hold the same weights (after the final average)
+        self._dppf_feed_loss = True  # `training_step` feeds its loss to the engine (lsgd)
         if self.dppf_enabled:
             self._check_dppf_setup()
+            if self.is_deepspeed_enabled:
+                self._dppf_groups = ReplicaGroups.build(self.args.dppf_config.replica_size)
             self.add_callback(_DPPFCallback(self))
 
     @property
@@ -143,7 +163,7 @@ class DPPFTrainer(Trainer):
         return bool(getattr(self.args, "dppf", False))
 
     @property
-    def dppf_engine(self) -> DPPFConsensus | None:
+    def dppf_engine(self) -> DPPFConsensus | DeepSpeedDPPF | None:
         """The consensus engine of the current (or last) run; `None` before training or without DPPF."""
         return self._dppf_engine
 
@@ -164,12 +184,19 @@ class DPPFTrainer(Trainer):
             )
         if not isinstance(self.args, DPPFTrainingArguments):
             raise TypeError(f"args.dppf needs a DPPFTrainingArguments, got {type(self.args).__name__}.")
-        for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled)):
-            if on:
-                raise ValueError(
-                    f"--dppf with {name} is not supported by DPPFTrainer: it needs one full replica per process "
-                    f"(DDP or a single process). Drop --dppf or the {name} configuration."
-                )
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "--dppf with FSDP is not supported by DPPFTrainer: use DeepSpeed ZeRO with --dppf_replica_size to "
+                "shard a replica over several processes, or DDP / a single process per replica."
+            )
+        replica_size = self.args.dppf_config.replica_size
+        if self.is_deepspeed_enabled:
+            check_zero_stage(zero_stage_of(self.accelerator.state.deepspeed_plugin.deepspeed_config), replica_size)
+        elif replica_size > 1:
+            raise ValueError(
+                f"--dppf_replica_size={replica_size} needs DeepSpeed ZeRO (--deepspeed ds_config.json) to shard a "
+                "replica over its processes; without DeepSpeed every process is a replica (valid: 1)."
+            )
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"--dppf with torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs in one process is not "
@@ -188,21 +215,64 @@ class DPPFTrainer(Trainer):
 
     # ------------------------------------------------------------------ the run
     def _dppf_worker_dir(self, checkpoint: str) -> str:
+        if self._dppf_groups is not None:
+            return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, REPLICA_DIR.format(self._dppf_groups.replica_index))
         return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, f"rank{self.args.process_index}")
 
     def _dppf_silence(self) -> None:
         self._dppf_ddp_flags = silence_ddp(self.model_wrapped, self._dppf_ddp_flags)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        """After the stock preparation (DDP wrap, optimizer, scheduler, checkpoint): start the DPPF engine."""
-        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        """
+        After the stock preparation (DDP or DeepSpeed wrap, optimizer, scheduler, checkpoint): start the DPPF engine.
+        """
+        prepare = super()._prepare_for_training if self._dppf_groups is None else self._dppf_prepare_deepspeed
+        model, train_dataloader = prepare(max_steps, train_dataloader, resume_from_checkpoint)
         if self.dppf_enabled:
             self._dppf_start(resume_from_checkpoint)
         return model, train_dataloader
 
+    def _dppf_prepare_deepspeed(self, max_steps, train_dataloader, checkpoint: str | None):
+        """
+        The stock preparation with DeepSpeed's data-parallel group set to this process's replica; a DPPF checkpoint
+        is then resumed from the replica's own DeepSpeed checkpoint (the stock resume reads the checkpoint's top
+        folder, where the replicas' shards, which share their file names, cannot all live).
+        """
+        own = checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint))
+        with self._dppf_groups.routed_initialize():
+            model, train_dataloader = super()._prepare_for_training(
+                max_steps, train_dataloader, None if own else checkpoint
+            )
+        if own:
+            load_path, _ = self.model_wrapped.load_checkpoint(
+                self._dppf_worker_dir(checkpoint),
+                tag=DEEPSPEED_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+            if load_path is None:
+                raise ValueError(f"No DeepSpeed checkpoint in {self._dppf_worker_dir(checkpoint)}.")
+            self._load_optimizer_and_scheduler(checkpoint)
+            self._load_scaler(checkpoint)
+        return model, train_dataloader
+
     def _dppf_start(self, checkpoint: str | None) -> None:
-        self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
         self._dppf_in_sync = False
+        # lr_0 of the schedule (on resume the optimizer's param groups are restored by now).
+        self._dppf_lr0 = initial_lr(self._dppf_lr_optimizer())
+        self._dppf_check_schedule(self.state.max_steps)
+        if self._dppf_groups is not None:  # each replica's weights and optimizer came with its DeepSpeed checkpoint
+            self._dppf_engine = DeepSpeedDPPF(self.model_wrapped, self.args.dppf_config, self._dppf_groups)
+            if checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint)):
+                with open(os.path.join(self._dppf_worker_dir(checkpoint), WORKER_STATE_NAME)) as f:
+                    engine = json.load(f)["engine"]
+                centre = self._dppf_centre_file(self._dppf_worker_dir(checkpoint))
+                if os.path.isfile(centre):
+                    engine["centre"] = load_file(centre)
+                self._dppf_engine.load_state_dict(engine)
+                self._dppf_engine.verify_ranks()  # every replica resumed from the same step
+            return
+        self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
         self._dppf_silence()
         if checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint)):
             # After the DDP wrap: wrapping broadcasts rank 0's weights, which would overwrite the others' own.
@@ -216,7 +286,7 @@ class DPPFTrainer(Trainer):
                     "average instead, load the checkpoint folder as the model (from_pretrained) without resuming."
                 )
             load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))  # copied into the params in place
-            centre = os.path.join(worker, WORKER_CENTRE_NAME)
+            centre = self._dppf_centre_file(worker)
             if os.path.isfile(centre):
                 saved["engine"]["centre"] = load_file(centre)
             self._dppf_engine.load_state_dict(saved["engine"])
@@ -226,9 +296,12 @@ class DPPFTrainer(Trainer):
                 "Checkpoint %s has no DPPF worker states: every worker starts from its model and optimizer.",
                 checkpoint,
             )
-        # lr_0 of the schedule (restored with the optimizer's param groups on resume).
-        self._dppf_lr0 = initial_lr(_inner_optimizer(self.optimizer))
-        self._dppf_check_schedule(self.state.max_steps)
+
+    def _dppf_lr_optimizer(self) -> Any:
+        """What holds the learning rate and the state: the torch optimizer, or DeepSpeed's (same `param_groups`)."""
+        if self._dppf_groups is not None:
+            return self.model_wrapped.optimizer
+        return _inner_optimizer(self.optimizer)
 
     def _dppf_check_schedule(self, max_steps: int) -> None:
         """Warn about settings that make the run's rounds differ from what the flags suggest."""
@@ -253,16 +326,25 @@ class DPPFTrainer(Trainer):
         # Called on every rank right after each optimizer step (before the scheduler's), whether or not a grad scaler
         # skipped it on some rank, so all ranks count the same steps and meet in the same rounds.
         self._dppf_in_sync = False
-        optimizer = _inner_optimizer(self.optimizer)
+        optimizer = self._dppf_lr_optimizer()
         if self._dppf_engine.step(lr_push_scale(self.args.dppf_config, optimizer, self._dppf_lr0)):
             after_round(self._dppf_engine, optimizer)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         """The stock step; with DPPF its loss is fed to the engine (`lsgd` elects the lowest-loss worker)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._dppf_engine is not None:
+        if self._dppf_engine is not None and self._dppf_feed_loss:
             self._dppf_engine.observe(loss=loss)
         return loss
+
+    @contextlib.contextmanager
+    def dppf_loss_unobserved(self) -> Iterator[None]:
+        """Inside the block `training_step` feeds no loss to the engine (e.g. SAM's pass at the perturbed weights)."""
+        before, self._dppf_feed_loss = self._dppf_feed_loss, False
+        try:
+            yield
+        finally:
+            self._dppf_feed_loss = before
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         """The stock gradient norm (before clipping); with DPPF it is fed to the engine (`grawa` weighs by it)."""
@@ -284,10 +366,10 @@ class DPPFTrainer(Trainer):
         Inside the block every worker holds the workers' average; their own weights come back after it (a collective
         while the workers differ). A no-op without DPPF.
         """
-        if not self.dppf_enabled or self._dppf_in_sync:
-            yield
+        if not self.dppf_enabled or self._dppf_in_sync or (self._dppf_groups and self._dppf_engine is None):
+            yield  # (under DeepSpeed before training, every process holds the model it was given)
             return
-        if self._dppf_engine is None or self._dppf_engine.module is not self.model:
+        if self._dppf_groups is None and (self._dppf_engine is None or self._dppf_engine.module is not self.model):
             self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)  # e.g. evaluate() before train()
         with self._dppf_engine.averaged():
             yield
@@ -328,7 +410,7 @@ class DPPFTrainer(Trainer):
             return super()._save_checkpoint(model, trial)
         if self._dppf_engine is not None:
             self._dppf_engine.ensure_finite()
-            after_round(self._dppf_engine, _inner_optimizer(self.optimizer))
+            after_round(self._dppf_engine, self._dppf_lr_optimizer())
         run_dir = self._get_output_dir(trial=trial)
         step = self.state.global_step
         staging = os.path.join(run_dir, f"{STAGING_PREFIX}-{step}")
@@ -369,21 +451,47 @@ class DPPFTrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         worker = self._dppf_worker_dir(output_dir)
         os.makedirs(worker, exist_ok=True)
+        if self._dppf_groups is not None:
+            return self._dppf_save_deepspeed(output_dir, worker)
         save_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME), force_contiguous=True)
         torch.save(self.optimizer.state_dict(), os.path.join(worker, WORKER_OPTIMIZER_NAME))
         engine = self._dppf_engine.state_dict()
         centre = engine.pop("centre", {})
         if centre:
-            save_file({k: v.contiguous() for k, v in centre.items()}, os.path.join(worker, WORKER_CENTRE_NAME))
+            save_file({k: v.contiguous() for k, v in centre.items()}, self._dppf_centre_file(worker))
         state = {"world_size": self.args.world_size, "engine": engine}
         with open(os.path.join(worker, WORKER_STATE_NAME), "w") as f:
             json.dump(state, f, indent=2)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
+    def _dppf_centre_file(self, worker: str) -> str:
+        """easgd's centre variable in a worker folder (one file per shard under DeepSpeed replicas)."""
+        if self._dppf_groups is None:
+            return os.path.join(worker, WORKER_CENTRE_NAME)
+        return os.path.join(worker, f"shard{self._dppf_groups.shard_index}-{WORKER_CENTRE_NAME}")
+
+    def _dppf_save_deepspeed(self, output_dir: str, worker: str) -> None:
+        """Each replica's DeepSpeed checkpoint (its ranks' shards) and engine state, and the torch scheduler."""
+        self.model_wrapped.save_checkpoint(worker, tag=DEEPSPEED_TAG)
+        engine = self._dppf_engine.state_dict()
+        centre = engine.pop("centre", {})
+        if centre:  # easgd: this rank's shard of the centre variable
+            save_file({k: v.contiguous() for k, v in centre.items()}, self._dppf_centre_file(worker))
+        if self._dppf_groups.shard_index == 0:
+            state = {"world_size": self.args.world_size, "engine": engine}
+            with open(os.path.join(worker, WORKER_STATE_NAME), "w") as f:
+                json.dump(state, f, indent=2)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):  # as the stock
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """With DPPF, each worker loads its own optimizer state (and the shared scheduler) from a DPPF checkpoint."""
-        if not (self.dppf_enabled and checkpoint and os.path.isdir(self._dppf_worker_dir(checkpoint))):
+        if self._dppf_groups is not None or not (
+            self.dppf_enabled and checkpoint and os.path.isdir(self._dppf_worker_dir(checkpoint))
+        ):
             return super()._load_optimizer_and_scheduler(checkpoint)
         device = "cpu" if self.args.device.type == "cpu" else self.args.device
         worker = self._dppf_worker_dir(checkpoint)

@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=collate,
         compute_metrics=accuracy,
     )
+    # Image-classification losses are per-example means that ignore `num_items_in_batch`, yet their forward takes
+    # **kwargs: without this the Trainer would skip its division by the accumulation steps and (stock DDP) multiply
+    # the loss, and so the gradient that clipping sees, by the number of processes.
+    trainer.model_accepts_loss_kwargs = False
     record = train_and_evaluate(
         trainer,
         recipe="image_classification",

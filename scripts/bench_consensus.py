@@ -1,7 +1,7 @@
 """One DPPF consensus round vs one flat all-reduce vs accelerate's LocalSGD averaging (see `hf-dppf bench --help`).
 
-python scripts/bench_consensus.py                 # BERT-base, 2 gloo processes, 7 repeats
-python scripts/bench_consensus.py --output bench.md
+    python scripts/bench_consensus.py                 # BERT-base, 2 gloo processes, 7 repeats
+    python scripts/bench_consensus.py --output bench.md
 """
 
 import sys

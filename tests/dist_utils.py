@@ -172,6 +172,50 @@ def count_collectives() -> Iterator[CollectiveLog]:
             log.calls.append((event.name, size))
 
 
+# torch.distributed calls that move data between ranks (barriers included: they synchronise replicas too).
+_COLLECTIVE_FUNCTIONS = (
+    "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+    "_all_gather_base", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
+    "all_to_all", "all_to_all_single", "gather", "scatter", "all_gather_object", "broadcast_object_list",
+    "gather_object", "scatter_object_list", "send", "recv", "isend", "irecv", "barrier", "monitored_barrier",
+)  # fmt: skip
+
+
+@contextmanager
+def record_collective_groups(*captured: tuple[Any, str]) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
+    """
+    Record `(function, global ranks of its group)` for every torch.distributed collective called inside the block.
+
+    Args:
+        *captured: `(object, attribute)` pairs holding references to torch.distributed functions taken before the
+            block (e.g. DeepSpeed's backend keeps `all_gather_into_tensor`); they are wrapped too.
+    """
+    import inspect
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    world = tuple(range(dist.get_world_size()))
+
+    def wrap(fn: Callable, name: str) -> Callable:
+        signature = inspect.signature(fn)
+
+        def recorder(*args: Any, **kwargs: Any) -> Any:
+            group = signature.bind_partial(*args, **kwargs).arguments.get("group")
+            calls.append((name, world if group is None else tuple(dist.get_process_group_ranks(group))))
+            return fn(*args, **kwargs)
+
+        return recorder
+
+    targets = [(dist, name) for name in _COLLECTIVE_FUNCTIONS if hasattr(dist, name)] + list(captured)
+    originals = [(obj, attr, getattr(obj, attr)) for obj, attr in targets]
+    for obj, attr, fn in originals:
+        setattr(obj, attr, wrap(fn, fn.__name__))
+    try:
+        yield calls
+    finally:
+        for obj, attr, fn in originals:
+            setattr(obj, attr, fn)
+
+
 def load_script(name: str) -> Any:
     """Import `scripts/<name>.py` (the scripts folder is not a package) as module `name`."""
     import importlib.util

@@ -52,6 +52,7 @@ BAD_VALUES: dict[str, list] = {
     "nonfinite_policy": ["ignore"],
     "timeout_s": [0, -5.0, float("nan")],
     "overlap_steps": [-1, 1.5, 4, True],  # 4 = the default tau: a round must land before the next one is due
+    "replica_size": [0, -2, 1.5, True],
 }
 
 
@@ -410,3 +411,21 @@ def test_a_tampered_checkpoint_cannot_run_code(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
     assert not marker.exists(), "unpickling ran the checkpoint's code"
+
+
+def _float64_rounds(rank: int, world_size: int) -> float:
+    """A float64 model (a dtype the wire keeps) through every path that reads the average: avg, averaged(), dppf."""
+    model = OddModel().double()
+    model.randomise(seed=30 + rank)
+    before = gather_workers(_state(model), world_size)
+    engine = DPPFConsensus(model, DPPFConfig(strategy="avg"))
+    with engine.averaged():
+        inside = _state(model)
+    engine.round()
+    mean = [torch.stack(ts).mean(0) for ts in zip(*before)]
+    return max((g - e).abs().max().item() for got in (inside, _state(model)) for g, e in zip(got, mean))
+
+
+def test_float64_parameters_are_averaged_in_float64() -> None:
+    for error in run_distributed(_float64_rounds, 2):
+        assert error <= 1e-12, error

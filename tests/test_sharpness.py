@@ -571,6 +571,26 @@ def test_builtin_bbc_news_labels_are_the_sorted_folders_and_the_split_is_stratif
     assert any(f.read_text(errors="ignore").strip() == example["text"] for f in folder.iterdir())
 
 
+def test_builtin_mnist_is_the_image_recipes_held_out_split():
+    import importlib.util
+    from pathlib import Path
+
+    from hf_dppf.cli_sharpness import load_eval_dataset
+
+    spec = importlib.util.spec_from_file_location(
+        "image_recipe", Path(__file__).parents[1] / "recipes" / "image_classification.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # its dataclasses look their module up
+    spec.loader.exec_module(recipe)
+    _, held_out = recipe.load_splits(recipe.DataArguments())
+    test = load_eval_dataset("mnist", None, "test", max_samples=10_000, seed=0)
+    assert len(test) == len(held_out) == 1000
+    assert sorted(map(tuple, zip(test["label"], (bytes(i.tobytes()) for i in test["image"])))) == sorted(
+        map(tuple, zip(held_out["label"], (bytes(i.tobytes()) for i in held_out["image"])))
+    )
+
+
 def test_every_cli_flag_is_documented():
     from hf_dppf.cli import build_parser
 
@@ -582,15 +602,9 @@ def test_every_cli_flag_is_documented():
 
 # ------------------------------------------------------------------------------------------------- the study
 def load_study():
-    import importlib.util
-    from pathlib import Path
+    from tests.dist_utils import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sharpness_study.py"
-    spec = importlib.util.spec_from_file_location("sharpness_study", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sharpness_study")
 
 
 def test_study_local_sgd_with_tau_1_is_ddp():

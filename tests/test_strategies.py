@@ -17,10 +17,12 @@ from dist_utils import count_collectives, gather_workers, run_distributed
 from safetensors.torch import load_file, save_file
 from test_accelerate import make_model, params
 from test_engine import OddModel, trainable
-from test_trainer import _tensors_equal, collected, make_args, tiny_bert, toy_data
+from test_trainer import _tensors_equal, collected
+from trainer_fixtures import make_args, tiny_bert, toy_data
 from transformers import TrainerCallback
 
 from hf_dppf import DPPF, DPPFConfig, DPPFConsensus, DPPFTrainer
+from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
 from hf_dppf.simulate import simulate_consensus, simulate_round
 from hf_dppf.strategies import STRATEGIES, grawa_weight, leader_rank
 from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
@@ -435,3 +437,36 @@ def test_trainer_feeds_loss_and_pre_clip_grad_norm_and_checkpoints_the_centre(tm
         assert r["lsgd"]["leader"] == min(range(2), key=losses.__getitem__)
         assert r["grawa"]["clipped_gap"] > 1e-5, "grawa weighs by the norms from before clipping (max_grad_norm=1e-3)"
         assert r["easgd"]["exact"] and r["easgd"]["centre_keys"]
+
+
+class SAMLossRecorder(SAMTrainer):
+    """Records what each SAM training step returns: the loss at the weights (the first of its two passes)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.returned.append(loss.item())
+        return loss
+
+
+def test_sam_feeds_lsgd_the_loss_at_the_weights_not_at_the_perturbed_point(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = SAMTrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dppf=True,
+        dppf_strategy="lsgd",
+        dppf_tau=100,  # no round: the window still holds what was fed
+        sam_rho=0.05,
+    )
+    trainer = SAMLossRecorder(model=tiny_bert(seed=1), args=args, train_dataset=toy_data())
+    trainer.returned = []
+    trainer.train()
+    observed = trainer.dppf_engine.state_dict()["observed"]["loss"]
+    assert observed["count"] == len(trainer.returned) == 2, "one loss per micro-batch, not one per SAM pass"
+    assert math.isclose(observed["sum"], sum(trainer.returned), rel_tol=1e-6)
