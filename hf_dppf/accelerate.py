@@ -266,7 +266,11 @@ class DPPF:
         return self.engine.averaged() if self.engine is not None else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict() if self.engine is not None else {}
+        """The engine's state; an overlapped round in flight lands first (then a collective: call it on every rank)."""
+        if self.engine is None:
+            return {}
+        self.engine.finish()
+        return self.engine.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the engine's step counter and statistics, then check that every rank agrees (a collective)."""

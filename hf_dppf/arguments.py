@@ -100,6 +100,7 @@ class DPPFArguments:
     dppf_eps: float = _dppf_field("eps")
     dppf_nonfinite_policy: str = _dppf_field("nonfinite_policy")
     dppf_timeout_s: float | None = _dppf_field("timeout_s")
+    dppf_overlap_steps: int = _dppf_field("overlap_steps")
     dppf_replica_size: int = _dppf_field("replica_size")
 
     def __post_init__(self) -> None:

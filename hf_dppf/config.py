@@ -87,6 +87,13 @@ class DPPFConfig:
             names the round (e.g. a peer died or hangs). `None` keeps the process group's timeout (torch's default
             is 30 minutes; the Trainer's `--ddp_timeout`, Accelerate's `InitProcessGroupKwargs(timeout=...)`). Set it
             above your slowest round: a round of a 1 GB model over a 100 Mbit/s link takes about 3 minutes.
+        overlap_steps (`int`, defaults to 0):
+            `0`: a round blocks every worker until it is done. `k > 0` (overlapped, delayed rounds; `k < tau`): at a
+            round boundary each worker snapshots its weights, starts the all-reduce in the background and keeps
+            training; `k` optimizer steps later (or when the all-reduce completes, if later) it applies the round's
+            correction computed from the snapshot, `x_i += round(snapshot)_i - snapshot_i`, so the local progress
+            made meanwhile is kept. Costs one extra copy of the trainable weights (the snapshot). Rounds during
+            warmup stay blocking. Only for the strategies that pull toward the plain average (`dppf`, `avg`).
         replica_size (`int`, defaults to 1):
             Processes per worker (replica) under DeepSpeed ZeRO: world size = `replica_size` x replicas; inside a
             replica ZeRO shards and synchronises every step, across replicas DPPF runs on each shard. 1 (flat) makes
@@ -106,6 +113,7 @@ class DPPFConfig:
     eps: float = 1e-12
     nonfinite_policy: str = "reseed"
     timeout_s: float | None = None
+    overlap_steps: int = 0
     replica_size: int = 1
 
     def __post_init__(self) -> None:
@@ -133,6 +141,21 @@ class DPPFConfig:
             raise _bad("nonfinite_policy", self.nonfinite_policy, f"one of {list(NONFINITE_POLICIES)}")
         if self.timeout_s is not None and (not _is_real(self.timeout_s) or self.timeout_s <= 0):
             raise _bad("timeout_s", self.timeout_s, "None or a finite number of seconds > 0")
+        if isinstance(self.overlap_steps, bool) or not isinstance(self.overlap_steps, int) or self.overlap_steps < 0:
+            raise _bad("overlap_steps", self.overlap_steps, "an integer >= 0 (0: blocking rounds)")
+        if self.overlap_steps >= self.tau:
+            raise _bad(
+                "overlap_steps",
+                self.overlap_steps,
+                f"an integer in [0, tau - 1] = [0, {self.tau - 1}]: a round must land before the next one is due",
+            )
+        if self.overlap_steps and STRATEGIES[self.strategy].centre != "average":
+            raise _bad(
+                "overlap_steps",
+                self.overlap_steps,
+                f"0 with strategy={self.strategy!r}: overlapped rounds only apply to the strategies that pull toward "
+                "the plain average ('dppf', 'avg')",
+            )
         if isinstance(self.replica_size, bool) or not isinstance(self.replica_size, int) or self.replica_size < 1:
             raise _bad("replica_size", self.replica_size, "an integer >= 1 (processes per replica)")
         if not STRATEGIES[self.strategy].pushes and (self.lam or self.width):
@@ -181,6 +204,10 @@ class DPPFConfig:
         if step <= self.warmup_steps:
             return True
         return (step - self.warmup_steps) % self.tau == 0
+
+    def overlapped(self, step: int) -> bool:
+        """Whether the round after optimizer step `step` runs in the background (`overlap_steps > 0`, past warmup)."""
+        return self.overlap_steps > 0 and step > self.warmup_steps
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

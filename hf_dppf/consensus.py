@@ -15,6 +15,10 @@ toward its centre variable `z` (engine state, one tensor per parameter name, che
 `grawa` all-reduces `w_i / W * x_i` after one all-reduce of every worker's `w_i`. The write-back is the same lerp.
 The loss and gradient norm those two need are fed between rounds with `observe()`.
 
+Overlapped rounds (`overlap_steps = k > 0`, `dppf` and `avg`): `launch()` copies the weights into a per-bucket snapshot
+buffer and the communication buffer and starts the all-reduce; training goes on; `finish()`, k optimizer steps later,
+forms the round from the snapshots and adds its correction, `x_i += (1 - c_i) (x_A - s_i)`, to the current weights.
+
 Floating buffers (BatchNorm statistics) ride in their own buckets and are set to the average; integer buffers and
 frozen parameters are not touched. Parameters stay ordinary tensors owned by the module (they are read and written,
 never re-pointed), so `save_pretrained`, safetensors, `model.to()` and optimizers see nothing unusual.
@@ -118,6 +122,9 @@ class _Bucket:
     segments: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     work: Any = None
     holds_average: bool = True
+    # overlapped rounds: the weights at launch, kept apart from `comm` (the all-reduce works in place), same layout
+    snapshot: torch.Tensor | None = None
+    snapshot_views: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         offset = 0
@@ -130,6 +137,26 @@ class _Bucket:
     @property
     def same_dtype(self) -> bool:
         return self.tensors[0].dtype == self.comm.dtype
+
+    def ensure_snapshot(self) -> torch.Tensor:
+        """The snapshot buffer (allocated once per bucket layout), in the tensors' dtype promoted to at least fp32."""
+        dtype = torch.promote_types(self.tensors[0].dtype, torch.float32)
+        if self.snapshot is None or self.snapshot.dtype != dtype or self.snapshot.device != self.comm.device:
+            self.snapshot = torch.empty(self.comm.numel(), dtype=dtype, device=self.comm.device)
+            self.snapshot_views, offset = [], 0
+            for t in self.tensors:
+                self.snapshot_views.append(self.snapshot[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+        return self.snapshot
+
+
+@dataclass
+class _InFlight:
+    """An overlapped round between its launch and its landing."""
+
+    due: int  # the optimizer step at which it lands
+    push_scale: float
+    blocked_ms: float  # time the launch held the worker
 
 
 class DPPFConsensus:
@@ -198,6 +225,7 @@ class DPPFConsensus:
         self._window: dict[str, list] = {kind: [0.0, 0] for kind in _OBSERVABLES}
         self._last_observed: dict[str, float | None] = dict.fromkeys(_OBSERVABLES)
         self.last_reseeded = False  # whether the last round (or `ensure_finite`) re-seeded this worker
+        self._in_flight: _InFlight | None = None  # an overlapped round launched and not yet applied
         self.verify_ranks()
 
     # ------------------------------------------------------------------ tensors and buckets
@@ -493,6 +521,7 @@ class DPPFConsensus:
         Returns:
             `bool`: whether this worker was re-seeded (its optimizer state is stale: the integrations reset it).
         """
+        self.finish()
         self.last_reseeded = False
         if self.world_size == 1:
             if not self._worker_finite():
@@ -531,6 +560,7 @@ class DPPFConsensus:
             raise ValueError(f"push_scale={push_scale!r} is invalid: it must be a finite number >= 0.")
         rule = STRATEGIES[strategy or self.config.strategy]
         observed = {kind: self._observed(kind, rule.name) for kind in rule.needs}  # raises before any collective
+        self.finish()  # an overlapped round in flight lands first
         start = time.perf_counter()
         self.last_reseeded = False
         self.stats.leader = self.rank if rule.centre == "leader" else -1
@@ -739,16 +769,133 @@ class DPPFConsensus:
 
     def step(self, push_scale: float = 1.0) -> bool:
         """
-        Count one optimizer step; run a round if one is due (every step during warmup, then every `tau` steps).
+        Count one optimizer step; run a round if one is due (every step during warmup, then every `tau` steps). With
+        `overlap_steps = k > 0` a round due after warmup is launched in the background and lands k steps later.
 
         Returns:
-            `bool`: whether a round ran.
+            `bool`: whether a round was applied to the weights at this step (a blocking round, or an overlapped one
+            landing).
         """
         self.stats.steps += 1
+        landed = self._in_flight is not None and self.stats.steps >= self._in_flight.due
+        if landed:
+            self.finish()
         if self.config.round_due(self.stats.steps):
+            if self.world_size > 1 and self.config.overlapped(self.stats.steps):
+                self.launch(push_scale)
+                return landed
             self.round(push_scale)
             return True
-        return False
+        return landed
+
+    # ------------------------------------------------------------------ overlapped (delayed) rounds
+    @property
+    def in_flight(self) -> bool:
+        """Whether an overlapped round has been launched and not yet applied (`finish()` applies it)."""
+        return self._in_flight is not None
+
+    @torch.no_grad()
+    def launch(self, push_scale: float = 1.0) -> None:
+        """
+        Start an overlapped round and return at once: snapshot every bucket's tensors into its snapshot buffer and its
+        communication buffer, and start the all-reduce of each bucket asynchronously. `step()` calls it at a round
+        boundary when `config.overlap_steps > 0`; the round lands (`finish()`) `overlap_steps` optimizer steps later.
+        A collective: every rank must call it. A round still in flight lands first.
+
+        Args:
+            push_scale (`float`, defaults to 1.0): multiplies the push of this round (the schedule at launch time).
+        """
+        if not (math.isfinite(push_scale) and push_scale >= 0):
+            raise ValueError(f"push_scale={push_scale!r} is invalid: it must be a finite number >= 0.")
+        if STRATEGIES[self.config.strategy].centre != "average":
+            raise ValueError(f"strategy={self.config.strategy!r} has no overlapped form (only 'dppf' and 'avg').")
+        self.finish()
+        start = time.perf_counter()
+        for b in self._ensure_buckets():
+            snapshot = b.ensure_snapshot()
+            torch._foreach_copy_(b.snapshot_views, b.tensors)
+            b.comm.copy_(snapshot)
+            b.work = self._all_reduce(b.comm, async_op=True)
+        blocked = (time.perf_counter() - start) * 1e3
+        self._in_flight = _InFlight(self.stats.steps + self.config.overlap_steps, push_scale, blocked)
+
+    @torch.no_grad()
+    def finish(self) -> DPPFStats | None:
+        """
+        Apply the overlapped round in flight now (a no-op when none is): wait for its all-reduce (with
+        `config.timeout_s`), compute the round from the snapshots `s_i` (the average `x_A`, `r_i = ||s_i - x_A||`,
+        the strategy's `c_i`) and move each worker by the round's correction, keeping what it learnt since the launch:
+        `x_i += (1 - c_i) (x_A - s_i)` (buffers: `x += x_A - s`). With no training since the launch this is exactly the
+        blocking round. A collective: every rank must call it (the integrations do so before anything that needs
+        consistent weights: averaging, evaluating, saving).
+
+        If a worker's snapshot held NaN/Inf (the shared sum is not finite, so every rank sees it), the in-flight
+        round is dropped and a blocking round runs on the current weights instead: a worker still NaN is re-seeded
+        with the healthy workers' average (`config.nonfinite_policy`), as in a blocking round.
+
+        Returns:
+            `DPPFStats` or `None`: the updated statistics, `None` when no round was in flight.
+        """
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:
+            return None
+        start = time.perf_counter()
+        m = self.world_size
+        partial_d: list[torch.Tensor] = []
+        partial_a: list[torch.Tensor] = []
+        finite = True
+        for b in self._buckets:  # bucket k's math runs while buckets k+1, ... may still be in flight
+            self._wait(b.work)
+            b.work = None
+            b.holds_average = True
+            for i in range(0, b.comm.numel(), _CHUNK):
+                snap, total = b.snapshot[i : i + _CHUNK], b.comm[i : i + _CHUNK]
+                if total.dtype == snap.dtype:
+                    average = total.div_(m)
+                else:  # a half-precision wire: the average and the correction are formed in the snapshot's dtype
+                    if self._scratch is None or self._scratch.device != snap.device:
+                        self._scratch = torch.empty(_CHUNK, dtype=torch.float32, device=snap.device)
+                    average = self._scratch[: snap.numel()].copy_(total).div_(m)
+                if b.is_param:
+                    partial_a.append(torch.linalg.vector_norm(average, dtype=torch.float32))
+                else:
+                    finite = finite and bool(torch.isfinite(average).all())
+                torch.sub(average, snap, out=snap)  # the snapshot becomes x_A - s_i
+                if b.is_param:
+                    partial_d.append(torch.linalg.vector_norm(snap, dtype=torch.float32))
+        sq_d = torch.stack(partial_d).double().square().sum().item() if partial_d else 0.0
+        sq_a = torch.stack(partial_a).double().square().sum().item() if partial_a else 0.0
+        sq_d, sq_a, bad_shards = self._over_shards([sq_d, sq_a, float(not finite)])  # global norms under sharding
+        if not (bad_shards == 0 and math.isfinite(sq_a)):
+            logger.warning(
+                "DPPF: the overlapped round launched after optimizer step %d holds NaN/Inf (a worker's snapshot was "
+                "not finite); it is dropped and a blocking round runs on the current weights.",
+                pending.due - self.config.overlap_steps,
+            )
+            return self.round(pending.push_scale)
+        rule = STRATEGIES[self.config.strategy]
+        r, average_norm = math.sqrt(sq_d), math.sqrt(sq_a)
+        lam = self.config.push_strength(average_norm, pending.push_scale) if rule.pushes else 0.0
+        c = rule.coefficient(r, self.config.alpha, lam, self.config.eps)
+        for b in self._buckets:
+            weight = 1.0 - c if b.is_param else 1.0
+            if weight == 0.0:
+                continue
+            if b.snapshot.dtype == b.tensors[0].dtype:
+                torch._foreach_add_(b.tensors, b.snapshot_views, alpha=weight)
+            else:
+                for x, delta in zip(b.tensors, b.snapshot_views):
+                    x.copy_(x.to(delta.dtype).add_(delta, alpha=weight))
+        dists = torch.tensor([r, abs(c) * r], dtype=torch.float64, device=self._device())
+        self._all_reduce(dists)
+        before, after = (dists / m).tolist()
+        self.last_reseeded = False
+        elapsed = pending.blocked_ms + (time.perf_counter() - start) * 1e3
+        s = self.stats
+        s.rounds += 1
+        s.distance_before, s.mean_distance, s.average_norm, s.lam = before, after, average_norm, lam
+        s.last_round_ms, s.total_round_ms = elapsed, s.total_round_ms + elapsed
+        return s
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
@@ -761,6 +908,7 @@ class DPPFConsensus:
         if self.world_size == 1:
             yield
             return
+        self.finish()
         with torch.no_grad():
             buckets = self._ensure_buckets()
             backup = [[t.clone() for t in b.tensors] for b in buckets]
@@ -779,6 +927,7 @@ class DPPFConsensus:
         """Copy rank `src`'s (group rank) parameters and floating buffers to every rank, e.g. before training."""
         if self.world_size == 1:
             return
+        self.finish()
         for b in self._ensure_buckets():
             torch._foreach_copy_(b.views, b.tensors)
             self._broadcast(b.comm, src)
@@ -791,6 +940,11 @@ class DPPFConsensus:
         `observe()` was fed since the last round (`"observed"`, JSON-able), and easgd's centre variable (`"centre"`,
         parameter name -> tensor, empty for the other strategies; save it with safetensors, not JSON).
         """
+        if self._in_flight is not None:
+            raise RuntimeError(
+                f"DPPF: an overlapped round is in flight (it lands after optimizer step {self._in_flight.due}); call "
+                "finish() on every rank before state_dict() so that the saved weights and state agree."
+            )
         observed = {
             kind: {"sum": float(total), "count": count, "last": self._last_observed[kind]}
             for kind, (total, count) in self._window.items()

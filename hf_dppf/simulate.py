@@ -146,3 +146,43 @@ def simulate_consensus(
             new = [a + c * di for a, di in zip(avg, d)]
         out.append([n.to(t.dtype) for n, t in zip(new, w)])
     return SimulatedRound(out)
+
+
+def simulate_delayed_round(
+    snapshots: Sequence[Sequence[torch.Tensor]],
+    currents: Sequence[Sequence[torch.Tensor]],
+    config: DPPFConfig,
+    push_scale: float = 1.0,
+) -> list[list[torch.Tensor]]:
+    """
+    An overlapped round (`config.overlap_steps > 0`): the round is computed from the weights the workers had at its
+    launch and its correction is added to the weights they have when it lands, so the progress made meanwhile is
+    kept: `current_i + (simulate_round(snapshots)_i - snapshot_i)`.
+
+    Args:
+        snapshots (`Sequence[Sequence[torch.Tensor]]`): every worker's tensors when the round was launched.
+        currents (`Sequence[Sequence[torch.Tensor]]`): every worker's tensors when it lands (same shapes).
+        config (`DPPFConfig`): the rule (`dppf` or `avg`: the strategies with an overlapped form).
+        push_scale (`float`, defaults to 1.0): the push's schedule factor at launch.
+
+    Returns:
+        `list[list[torch.Tensor]]`: the workers after the round lands, in their own dtypes.
+
+    Example:
+        ```python
+        >>> cfg = DPPFConfig(strategy="avg", tau=2, overlap_steps=1)
+        >>> simulate_delayed_round([[torch.tensor([0.0])], [torch.tensor([4.0])]],
+        ...                        [[torch.tensor([1.0])], [torch.tensor([4.5])]], cfg)
+        [[tensor([3.])], [tensor([2.5000])]]
+        ```
+    """
+    _check(snapshots)
+    if len(currents) != len(snapshots):
+        raise ValueError(f"got {len(snapshots)} snapshots but {len(currents)} current workers.")
+    if STRATEGIES[config.strategy].centre != "average":
+        raise ValueError(f"strategy={config.strategy!r} has no overlapped form (only 'dppf' and 'avg').")
+    rounded = simulate_round(snapshots, config, push_scale)
+    return [
+        [(c.double() + (r.double() - s.double())).to(c.dtype) for c, r, s in zip(cur, rnd, snap)]
+        for cur, rnd, snap in zip(currents, rounded, snapshots)
+    ]

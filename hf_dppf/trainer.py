@@ -396,6 +396,9 @@ class DPPFTrainer(Trainer):
         """
         With DPPF, a checkpoint is safe to resume from or it does not exist:
 
+        - an overlapped round in flight (`--dppf_overlap_steps`) lands first (`ensure_finite` finishes it), so the
+          checkpoint holds consistent weights and no pending communication; a run resumed from it continues exactly
+          as the run that saved it;
         - no NaN/Inf is written: a worker whose weights are not finite is re-seeded from the healthy workers' average
           first (its optimizer state reset), or every rank raises (`dppf_nonfinite_policy="raise"`) before a byte is
           written;

@@ -356,15 +356,23 @@ def _engine_stats(path: str) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if not k.endswith("round_ms")}  # timings differ between runs
 
 
-def _resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+def _resume(rank: int, world_size: int, tmp: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """8 straight steps with a checkpoint after 4, and a run resumed from it; `overrides` change `RESUME`'s args."""
+    settings = {**RESUME, **(overrides or {})}
     eval_data = toy_data().select(range(16))
     straight = DPPFTrainer(
-        model=tiny_bert(seed=1), args=make_args(f"{tmp}/a", **RESUME), train_dataset=toy_data(), eval_dataset=eval_data
+        model=tiny_bert(seed=1),
+        args=make_args(f"{tmp}/a", **settings),
+        train_dataset=toy_data(),
+        eval_dataset=eval_data,
     )
     straight.train()
     # A fresh trainer and a model initialised differently: everything must come from the checkpoint.
     resumed = DPPFTrainer(
-        model=tiny_bert(seed=7), args=make_args(f"{tmp}/b", **RESUME), train_dataset=toy_data(), eval_dataset=eval_data
+        model=tiny_bert(seed=7),
+        args=make_args(f"{tmp}/b", **settings),
+        train_dataset=toy_data(),
+        eval_dataset=eval_data,
     )
     resumed.train(resume_from_checkpoint=f"{tmp}/a/checkpoint-4")
 
