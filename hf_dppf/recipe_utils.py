@@ -59,6 +59,47 @@ RESULTS_NAME = "results.json"
 RESULTS_SCHEMA = "hf_dppf.results/1"
 
 
+@dataclasses.dataclass
+class HubDataArguments:
+    """
+    The data flags every recipe shares. A recipe subclasses it, adds its own columns and overrides `dataset_name`'s
+    help with its offline default (an overridden field keeps its place in `--help`).
+    """
+
+    dataset_name: str | None = dataclasses.field(
+        default=None, metadata={"help": "Any Hub dataset (load_dataset id or local path)."}
+    )
+    dataset_config_name: str | None = dataclasses.field(
+        default=None, metadata={"help": "The dataset's configuration name."}
+    )
+    train_split: str = dataclasses.field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Split to evaluate on. Default: 'validation' or 'test' if the dataset has one, else a held-out "
+            "--test_size fraction of the training split."
+        },
+    )
+    test_size: float = dataclasses.field(
+        default=0.2, metadata={"help": "Held-out fraction when the dataset has no evaluation split (stratified)."}
+    )
+    max_train_samples: int | None = dataclasses.field(
+        default=None, metadata={"help": "Truncate the training set to this many examples (quick runs)."}
+    )
+    max_eval_samples: int | None = dataclasses.field(
+        default=None, metadata={"help": "Truncate the evaluation set to this many examples (quick runs)."}
+    )
+
+
+@dataclasses.dataclass
+class ClassificationDataArguments(HubDataArguments):
+    """`HubDataArguments` plus the label column, for `load_classification_splits`."""
+
+    label_column: str = dataclasses.field(
+        default="label", metadata={"help": "Column holding the label (ClassLabel, int or str)."}
+    )
+
+
 def _columns(dataset: Any, args: Any, input_name: str) -> Any:
     """Keep only the input and label columns, named `input_name` (e.g. `text`, `image`) and `label`."""
     wanted = ((f"--{input_name}_column", getattr(args, f"{input_name}_column"), input_name),)

