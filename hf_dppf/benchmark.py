@@ -17,17 +17,22 @@ Run it directly (it spawns `--nproc` gloo processes on this machine) or under `t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .cli_types import POSITIVE_INT, config_field
 from .strategies import STRATEGIES
+
+SCHEMA = "hf_dppf.bench/1"
+FLOOR = "flat all-reduce (floor)"
 
 MODELS = {
     "bert-base": dict(),
@@ -76,6 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip_localsgd", action="store_true", help="do not time accelerate's LocalSGD")
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
+    parser.add_argument(
+        "--output_json",
+        default=None,
+        help=f"also write the measurements to this JSON file (schema {SCHEMA!r}: the settings, and each method's "
+        "median and min ms and its ratio to the flat all-reduce)",
+    )
+
+
+def bench_argv(args: argparse.Namespace) -> list[str]:
+    """The `hf-dppf bench` flags that reproduce `args`' measurement settings (not `--nproc` or the outputs)."""
+    argv = ["--model", args.model, "--repeats", str(args.repeats), "--bucket_mb", str(args.bucket_mb)]
+    argv += ["--comm_dtype", args.comm_dtype, "--strategies", *args.strategies]
+    return argv + (["--skip_localsgd"] if args.skip_localsgd else [])
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -86,7 +104,7 @@ def _time(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _bench(args: argparse.Namespace) -> str | None:
+def _bench(args: argparse.Namespace) -> dict | None:
     from transformers import BertConfig, BertModel
 
     from .config import DPPFConfig
@@ -113,7 +131,7 @@ def _bench(args: argparse.Namespace) -> str | None:
 
         return run
 
-    methods: dict[str, Callable[[], object]] = {"flat all-reduce (floor)": lambda: dist.all_reduce(flat)}
+    methods: dict[str, Callable[[], object]] = {FLOOR: lambda: dist.all_reduce(flat)}
     for name, e in engines.items():
         methods["DPPFConsensus.round()" + ("" if name == "dppf" else f" [{name}]")] = fed_round(e)
     # what any round that keeps each worker's own weights must pay: copy in, bucketed all-reduce, divide
@@ -139,18 +157,37 @@ def _bench(args: argparse.Namespace) -> str | None:
             )
     if rank != 0:
         return None
-    floor = statistics.median(times["flat all-reduce (floor)"])
-    mb = numel * 4 / 2**20
-    lines = [
-        f"{args.model}: {numel / 1e6:.1f}M parameters, {mb:.0f} MiB fp32; {world} gloo processes, "
-        f"{args.repeats} repeats, comm_dtype={args.comm_dtype}, bucket_mb={args.bucket_mb}",
-        "",
-        "| method | median ms | min ms | x flat all-reduce |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, t in times.items():
-        med = statistics.median(t)
-        lines.append(f"| {name} | {med:.0f} | {min(t):.0f} | {med / floor:.2f}x |")
+    floor = statistics.median(times[FLOOR])
+    return {
+        "schema": SCHEMA,
+        "model": args.model,
+        "parameters": numel,
+        "mib": numel * 4 / 2**20,
+        "processes": world,
+        "repeats": args.repeats,
+        "comm_dtype": args.comm_dtype,
+        "bucket_mb": args.bucket_mb,
+        "methods": {
+            name: {"median_ms": statistics.median(t), "min_ms": min(t), "ratio": statistics.median(t) / floor}
+            for name, t in times.items()
+        },
+    }
+
+
+def settings_line(result: dict) -> str:
+    """One line naming the model, its size and the settings of a `_bench` result."""
+    return (
+        f"{result['model']}: {result['parameters'] / 1e6:.1f}M parameters, {result['mib']:.0f} MiB fp32; "
+        f"{result['processes']} gloo processes, {result['repeats']} repeats, comm_dtype={result['comm_dtype']}, "
+        f"bucket_mb={result['bucket_mb']}"
+    )
+
+
+def table(result: dict) -> str:
+    """The markdown table of a `_bench` result."""
+    lines = [settings_line(result), "", "| method | median ms | min ms | x flat all-reduce |", "|---|---:|---:|---:|"]
+    for name, m in result["methods"].items():
+        lines.append(f"| {name} | {m['median_ms']:.0f} | {m['min_ms']:.0f} | {m['ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -164,12 +201,14 @@ def _run_rank(args: argparse.Namespace) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     try:
-        table = _bench(args)
-        if table is not None:
-            print(table, flush=True)
+        result = _bench(args)
+        if result is not None:
+            text = table(result)
+            print(text, flush=True)
             if args.output:
-                with open(args.output, "w") as f:
-                    f.write(table + "\n")
+                Path(args.output).write_text(text + "\n")
+            if args.output_json:
+                Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +22,8 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
         "2",
         "--output",
         str(out),
+        "--output_json",
+        str(tmp_path / "bench.json"),
         "--strategies",
         "dppf",
         "easgd",
@@ -44,6 +47,13 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
     }
     assert rows["flat all-reduce (floor)"] == 1.0 and all(v > 0 for v in rows.values())
     assert "2 gloo processes" in out.read_text()
+    # the JSON holds the same measurements: each ratio is that method's median over the flat all-reduce's median
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["schema"] == "hf_dppf.bench/1" and result["processes"] == 2 and result["repeats"] == 2
+    floor = result["methods"]["flat all-reduce (floor)"]["median_ms"]
+    for name, m in result["methods"].items():
+        assert m["ratio"] == m["median_ms"] / floor and m["min_ms"] <= m["median_ms"]
+        assert rows[name] == float(f"{m['ratio']:.2f}")
 
 
 def test_bench_cli_rejects_single_process() -> None:

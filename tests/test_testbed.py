@@ -7,6 +7,7 @@ These tests need root and iproute2 (`ip`, `tc`); they are skipped only where eit
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -38,6 +39,11 @@ dist.barrier(); dist.destroy_process_group()
 def namespaces_of(pid: int) -> list[str]:
     listing = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
     return [line.split()[0] for line in listing.splitlines() if line.startswith(f"dppftb-{pid}-")]
+
+
+def all_testbed_namespaces() -> set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.startswith("dppftb-")}
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +151,28 @@ def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
     assert "| 50mbit | x | not reached | 0.9500 | 3 (failed: exit codes [0, 1]) |" in tb.compare_table(
         [row], "eval_accuracy", 0.9
     )
+
+
+def test_bench_across_links_table_matches_runs(tmp_path):
+    """`scripts/bench_consensus.py --rates`: a loopback and a shaped run, and a table that is exactly those runs."""
+    out, out_json = tmp_path / "links.md", tmp_path / "links.json"
+    before = all_testbed_namespaces()
+    cmd = [sys.executable, str(SCRIPT.parent / "bench_consensus.py"), "--model", "bert-tiny", "--repeats", "1"]
+    cmd += ["--skip_localsgd", "--rates", RATE, "--output", str(out), "--output_json", str(out_json)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    loopback, shaped = json.loads(out_json.read_text())
+    floor = "flat all-reduce (floor)"
+    # 2 ranks: the ring sends each rank's fp32 parameters once, so across the link it takes >= their bits / rate
+    bits = shaped["parameters"] * 4 * 8
+    assert shaped["methods"][floor]["median_ms"] / 1e3 >= 0.9 * bits / 50e6
+    assert loopback["methods"][floor]["median_ms"] < shaped["methods"][floor]["median_ms"] / 5
+    rows = out.read_text().splitlines()[4:]
+    assert [row.split(" | ")[0] for row in rows] == ["| loopback (no shaping)", f"| {RATE} (0.05 Gbit/s)"]
+    for row, result in zip(rows, (loopback, shaped)):
+        cells = row.strip("| ").split(" | ")[1:]
+        expected = [f"{result['methods'][floor]['median_ms']:.0f} ms"] + [
+            f"{m['median_ms']:.0f} ms ({m['ratio']:.2f}x)" for name, m in result["methods"].items() if name != floor
+        ]
+        assert cells == expected
+    assert all_testbed_namespaces() == before  # the sweep removed its namespaces
