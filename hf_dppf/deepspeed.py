@@ -165,9 +165,24 @@ class ReplicaGroups:
         `train_batch_size` (DeepSpeed counts it over its data-parallel group) becomes the replica's batch,
         `train_micro_batch_size_per_gpu x gradient_accumulation_steps x replica_size` (or, when only
         `train_batch_size` is given, that world batch divided by the number of replicas).
+
+        Under ZeRO-3, `stage3_gather_16bit_weights_on_model_save` is switched on: saving a model then gathers the
+        replica's shards into one state dict that the main process writes (the workers' average, as every DPPF save
+        is). Without it the `Trainer` falls back to writing a DeepSpeed checkpoint from every process, and the
+        replicas, whose shard files share their names, would overwrite each other's files.
         """
         config = dict(_load_config(ds_config))
-        check_zero_stage(zero_stage_of(config), self.replica_size)
+        stage = zero_stage_of(config)
+        check_zero_stage(stage, self.replica_size)
+        if stage == 3:
+            zero = dict(config["zero_optimization"])
+            if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+                logger.warning(
+                    "DPPF: stage3_gather_16bit_weights_on_model_save=false is overridden: with replica groups the "
+                    "model is saved as one gathered state dict (the workers' average)."
+                )
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+            config["zero_optimization"] = zero
         micro, accumulation = (
             config.get("train_micro_batch_size_per_gpu"),
             config.get("gradient_accumulation_steps", 1),

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -189,6 +190,22 @@ def test_zero_rounds_match_the_oracle_with_no_cross_replica_traffic_between_roun
     assert sum(r["zero2"]["shard_numel"] for r in results[:2]) >= n_params
 
 
+def test_replica_config_gathers_zero3_weights_on_save_without_touching_the_users_dict(caplog):
+    groups = ReplicaGroups(2, 2, 0, 0, replica_group=None, shard_group=None, solo_group=None)  # no collective needed
+    user = ds_config(3)
+    config = groups.deepspeed_config(user)
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "stage3_gather_16bit_weights_on_model_save" not in user["zero_optimization"]  # the caller's dict is intact
+    assert config["train_batch_size"] == 4 * 1 * 2  # micro x accumulation x replica_size
+    assert (
+        "stage3_gather_16bit_weights_on_model_save" not in groups.deepspeed_config(ds_config(2))["zero_optimization"]
+    )
+    user["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    with caplog.at_level("WARNING", logger="hf_dppf.deepspeed"):
+        assert groups.deepspeed_config(user)["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert "stage3_gather_16bit_weights_on_model_save=false is overridden" in caplog.text
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_flat_mode_refuses_sharded_zero_stages(stage):
     with pytest.raises(ValueError, match=rf"ZeRO stage {stage} and replica_size=1 is not possible.*replica groups"):
@@ -201,14 +218,17 @@ def test_flat_mode_refuses_sharded_zero_stages(stage):
 # ---------------------------------------------------------------------------------------------------- Trainer
 
 
-TRAINER_DS_CONFIG = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "zero_optimization": {"stage": 2},
-    "zero_allow_untested_optimizer": True,
-    "steps_per_print": 10**6,
-}
+def trainer_ds_config(stage: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**6,
+    }
+
+
 TRAINER_RUN = dict(
     dppf=True,
     dppf_tau=3,  # does not divide the resume step 4: the round schedule must come from the checkpoint
@@ -217,7 +237,6 @@ TRAINER_RUN = dict(
     logging_steps=1,
     save_strategy="steps",
     save_steps=4,
-    deepspeed=TRAINER_DS_CONFIG,
     use_cpu=False,  # DeepSpeed's CPU accelerator (Accelerate refuses DeepSpeed with cpu=True); gloo underneath
     accelerator_config={"use_configured_state": True},
 )
@@ -234,7 +253,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _trainer_resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+def _trainer_resume(rank: int, world_size: int, tmp: str, stage: int) -> dict[str, Any]:
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
@@ -244,7 +263,7 @@ def _trainer_resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
 
     def trainer(run: str, seed: int) -> DPPFTrainer:
         AcceleratorState._reset_state()  # one DeepSpeed plugin per Accelerator; the process group is kept
-        args = make_args(f"{tmp}/{run}", **TRAINER_RUN)
+        args = make_args(f"{tmp}/{run}", deepspeed=trainer_ds_config(stage), **TRAINER_RUN)
         return DPPFTrainer(model=tiny_bert(seed), args=args, train_dataset=toy_data())
 
     straight = trainer("a", seed=1)
@@ -262,6 +281,8 @@ def _trainer_resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     def optimizer_shard(path: str) -> list[Any]:
         """This rank's fp32 master partition and optimizer state, as DeepSpeed saved them."""
         state = torch.load(path, weights_only=False)["optimizer_state_dict"]
+        if stage == 3:
+            return [state["fp32_flat_groups"], state["optimizer_state_dict"]]
         return [state["single_partition_of_fp32_groups"], state["base_optimizer_state"]]
 
     replica, shard = divmod(rank, 2)
@@ -269,29 +290,40 @@ def _trainer_resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     out = {
         "optimizer_shard": _same(*(optimizer_shard(replica_file(run, shard_file, replica)) for run in ("a", "b"))),
         "losses": (losses(straight), losses(resumed)),
-        "final": _same(straight.model.state_dict(), resumed.model.state_dict()),
+        "final": _same(full_parameters(straight.model, stage), full_parameters(resumed.model, stage)),
         "rounds": (straight.dppf_engine.stats.rounds, resumed.dppf_engine.stats.rounds),
     }
-    if rank == 0:  # the replicas' own weights (DeepSpeed's model states) and the saved average
-        own = [
-            {"a": torch.load(replica_file(run, "mp_rank_00_model_states.pt", k), weights_only=False)["module"]}
-            for run in ("a", "b")
-            for k in range(2)
-        ]
+    # After train() every worker holds the average; save_model writes it once (ZeRO-3 gathers it inside the replica).
+    straight.save_model(f"{tmp}/a/final")
+    names = [n for n, _ in straight.model.named_parameters()]
+    # numpy arrays travel to the test process by value (tensors would go through shared memory that dies with us)
+    out["final_weights"] = {n: t.numpy() for n, t in zip(names, full_parameters(straight.model, stage))}
+    if rank == 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         from safetensors.torch import load_file
 
+        def own(run: str, replica: int) -> dict[str, torch.Tensor]:
+            """A replica's own weights at step 8, rebuilt from its ZeRO shards by DeepSpeed's zero_to_fp32."""
+            folder = f"{tmp}/{run}/checkpoint-8/{DPPF_CHECKPOINT_DIR}/replica{replica}"
+            return get_fp32_state_dict_from_zero_checkpoint(folder, tag=DEEPSPEED_TAG)
+
+        a0, a1, b0, b1 = own("a", 0), own("a", 1), own("b", 0), own("b", 1)
         saved = load_file(f"{tmp}/a/checkpoint-8/model.safetensors")
-        a0, a1, b0, b1 = (o["a"] for o in own)
         out["own_weights_resumed"] = _same(a0, b0) and _same(a1, b1)
         out["replicas_differ"] = any(not torch.equal(a0[k], a1[k]) for k in a0)
-        out["saved_is_average"] = all(
-            torch.allclose(saved[k], (a0[k] + a1[k]) / 2, atol=1e-7) for k in saved if saved[k].is_floating_point()
+        out["saved_is_average"] = set(a0) <= set(saved) and all(
+            torch.allclose(saved[k], (a0[k] + a1[k]) / 2, atol=1e-7) for k in a0
         )
+        out["final_saved"] = {k: t.numpy() for k, t in load_file(f"{tmp}/a/final/model.safetensors").items()}
+        # the only DeepSpeed checkpoints are the replicas' own (none at the top, where replicas would collide)
+        out["top_level"] = sorted(str(x.relative_to(tmp)) for x in Path(tmp).glob("*/*/global_step*"))
     return out
 
 
-def test_trainer_zero2_replica_groups_resume_exactly(tmp_path):
-    results = run_distributed(_trainer_resume, WORLD, str(tmp_path), init=False)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_replica_groups_resume_exactly(tmp_path, stage):
+    """ZeRO-2 and ZeRO-3 inside 2 replicas of 2: resume == uninterrupted run; checkpoints hold the average."""
+    results = run_distributed(_trainer_resume, WORLD, str(tmp_path), stage, init=False)
     for rank, out in enumerate(results):
         straight, resumed = out["losses"]
         assert straight and straight == resumed, (rank, straight, resumed)
@@ -299,8 +331,15 @@ def test_trainer_zero2_replica_groups_resume_exactly(tmp_path):
         assert out["final"], f"rank {rank}: final model differs after the resume"
         # rounds after steps 3 and 6, plus the final average at the end of train()
         assert out["rounds"] == (3, 3), out["rounds"]
-    assert results[0]["own_weights_resumed"] and results[0]["replicas_differ"]
-    assert results[0]["saved_is_average"], "the checkpoint's model.safetensors is not the replicas' average"
+        mine, first = out["final_weights"], results[0]["final_weights"]
+        assert mine.keys() == first.keys() and all(np.array_equal(mine[k], first[k]) for k in mine), rank
+    first = results[0]
+    assert first["own_weights_resumed"] and first["replicas_differ"]
+    assert first["saved_is_average"], "the checkpoint's model.safetensors is not the replicas' average"
+    saved = first["final_saved"]
+    assert all(np.array_equal(saved[k], v) for k, v in first["final_weights"].items() if k in saved)
+    assert set(first["final_weights"]) - set(saved) <= {"bert.embeddings.position_ids"}, set(first["final_weights"])
+    assert first["top_level"] == [], first["top_level"]
 
 
 # ---------------------------------------------------------------------------------------------------- launcher
