@@ -26,7 +26,7 @@ from trainer_fixtures import make_args, tiny_bert, toy_data
 
 from hf_dppf import DPPFConfig, DPPFTrainer
 from hf_dppf.deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage
-from hf_dppf.simulate import distances_to_average, simulate_round
+from hf_dppf.simulate import distances_to_average, simulate_consensus, simulate_round
 from hf_dppf.trainer import DEEPSPEED_TAG, DPPF_CHECKPOINT_DIR
 
 WORLD = 4
@@ -160,11 +160,57 @@ def _poison_and_reseed(
     return reseeded
 
 
+# The ranks of a replica see different batches, so they feed different losses; the replica's loss is their mean (5.5
+# and 4.0: replica 1 leads). Each shard group electing by its own ranks' losses would pick replica 0 for shard 0
+# (ranks 0 and 2: 1.0 < 4.0) and replica 1 for shard 1 (ranks 1 and 3: 10.0 > 4.0): a model of mixed halves.
+RANK_LOSSES = [1.0, 10.0, 4.0, 4.0]
+REPLICA_LOSSES = [5.5, 4.0]
+REPLICA_GRAD_NORMS = [2.0, 0.5]  # the gradient norm of a replica (ZeRO's global norm) is the same on its ranks
+STRATEGY_SETTINGS = {"easgd": {"alpha": 0.3, "beta": 0.5}, "lsgd": {"alpha": 0.4}, "grawa": {"alpha": 0.4}}
+
+
+def _strategy_rounds(rank: int, stage: int) -> dict[str, float]:
+    """easgd, lsgd and grawa across 2 ZeRO replicas of 2, two rounds each: == `simulate_consensus` on the replicas."""
+    import deepspeed
+
+    groups = ReplicaGroups.build(2)
+    model = mlp(seed=groups.replica_index)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=groups.deepspeed_config(ds_config(stage)), mpu=groups
+    )
+    g = torch.Generator().manual_seed(rank)
+    worst = {}
+    for name, settings in STRATEGY_SETTINGS.items():
+        dppf = DeepSpeedDPPF(engine, DPPFConfig(replica_size=2, strategy=name, tau=1000, **settings), groups)
+        centre, worst[name] = None, 0.0
+        for _ in range(2):  # easgd's second round starts from the centre variable the first one left
+            x, y = torch.randn(4, 10, generator=g), torch.randn(4, 3, generator=g)
+            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+            engine.step()
+            workers = gather_workers(full_parameters(engine.module, stage), WORLD)[::2]
+            dppf.observe(loss=RANK_LOSSES[rank], grad_norm=REPLICA_GRAD_NORMS[groups.replica_index])
+            expected = simulate_consensus(
+                workers, dppf.config, losses=REPLICA_LOSSES, grad_norms=REPLICA_GRAD_NORMS, centre=centre
+            )
+            dppf.round()
+            centre = expected.centre
+            after = full_parameters(engine.module, stage)
+            mine = expected.workers[groups.replica_index]
+            worst[name] = max(worst[name], *((a - e).abs().max().item() for a, e in zip(after, mine)))
+            if name == "lsgd":
+                assert dppf.stats.leader == expected.leader == 1, (dppf.stats.leader, expected.leader)
+    engine.destroy()
+    return worst
+
+
 def _deepspeed_checks(rank: int, world_size: int) -> dict[str, Any]:
     results = {
         "zero2": _replica_round(rank, stage=2, replica_size=2),
         "zero3": _replica_round(rank, stage=3, replica_size=2),
         "flat_zero1": _replica_round(rank, stage=1, replica_size=1),
+        "strategies_zero2": _strategy_rounds(rank, stage=2),
+        "strategies_zero3": _strategy_rounds(rank, stage=3),
     }
     flat = ReplicaGroups.build(1)
     with pytest.raises(ValueError, match=r"ZeRO stage 3 and replica_size=1 is not possible.*--dppf_replica_size"):
@@ -188,6 +234,10 @@ def test_zero_rounds_match_the_oracle_with_no_cross_replica_traffic_between_roun
         assert res["flat_zero1"]["sending_calls"] == 0, "flat ZeRO-1 local steps must send nothing"
         assert res["zero2"]["sending_calls"] > 0  # ZeRO inside the replica does communicate every step
     assert sum(r["zero2"]["shard_numel"] for r in results[:2]) >= n_params
+    for rank, res in enumerate(results):  # easgd, lsgd, grawa: every shard follows its replica's centre
+        for stage in ("strategies_zero2", "strategies_zero3"):
+            assert res[stage].keys() == STRATEGY_SETTINGS.keys()
+            assert all(v <= TOL for v in res[stage].values()), (rank, stage, res[stage])
 
 
 def test_replica_config_gathers_zero3_weights_on_save_without_touching_the_users_dict(caplog):
