@@ -204,6 +204,37 @@ def _strategy_rounds(rank: int, stage: int) -> dict[str, float]:
     return worst
 
 
+def _accelerate_round(rank: int) -> dict[str, Any]:
+    """The plain Accelerate loop of docs/deepspeed.md: `accelerator.prepare` inside `groups.routed_initialize()`."""
+    from accelerate import Accelerator, DeepSpeedPlugin
+
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    config = DPPFConfig(replica_size=2, **DPPF_CONFIG)
+    groups = ReplicaGroups.build(config.replica_size)
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(2)))
+    model = mlp(seed=groups.replica_index)
+    with groups.routed_initialize():
+        engine, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    dppf = DeepSpeedDPPF(engine, config, groups)  # raises unless DeepSpeed's data-parallel group is the replica
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(LOCAL_STEPS):
+        x, y = torch.randn(4, 10, generator=g), torch.randn(4, 3, generator=g)
+        accelerator.backward(torch.nn.functional.mse_loss(engine(x), y))
+        optimizer.step()
+        optimizer.zero_grad()
+        assert dppf.step(PUSH_SCALE) is False
+    workers = gather_workers(full_parameters(engine.module, 2), WORLD)[::2]
+    expected = simulate_round(workers, config, push_scale=PUSH_SCALE)[groups.replica_index]
+    dppf.round(PUSH_SCALE)
+    after = full_parameters(engine.module, 2)
+    return {
+        "worst": max((a - e).abs().max().item() for a, e in zip(after, expected)),
+        "dp_world_size": engine.dp_world_size,
+        "replicas_differ": any(not torch.equal(a, b) for a, b in zip(*workers)),
+    }
+
+
 def _deepspeed_checks(rank: int, world_size: int) -> dict[str, Any]:
     results = {
         "zero2": _replica_round(rank, stage=2, replica_size=2),
@@ -215,6 +246,7 @@ def _deepspeed_checks(rank: int, world_size: int) -> dict[str, Any]:
     flat = ReplicaGroups.build(1)
     with pytest.raises(ValueError, match=r"ZeRO stage 3 and replica_size=1 is not possible.*--dppf_replica_size"):
         flat.deepspeed_config(ds_config(3))
+    results["accelerate"] = _accelerate_round(rank)  # last: it leaves Accelerate's DeepSpeed state behind
     dist.barrier()
     return results
 
@@ -234,6 +266,9 @@ def test_zero_rounds_match_the_oracle_with_no_cross_replica_traffic_between_roun
         assert res["flat_zero1"]["sending_calls"] == 0, "flat ZeRO-1 local steps must send nothing"
         assert res["zero2"]["sending_calls"] > 0  # ZeRO inside the replica does communicate every step
     assert sum(r["zero2"]["shard_numel"] for r in results[:2]) >= n_params
+    for rank, res in enumerate(results):
+        acc = res["accelerate"]
+        assert acc["worst"] <= TOL and acc["dp_world_size"] == 2 and acc["replicas_differ"], (rank, acc)
     for rank, res in enumerate(results):  # easgd, lsgd, grawa: every shard follows its replica's centre
         for stage in ("strategies_zero2", "strategies_zero3"):
             assert res[stage].keys() == STRATEGY_SETTINGS.keys()
