@@ -91,13 +91,79 @@ class HubDataArguments:
     )
 
 
+def _json_object(value: str) -> dict[str, Any]:
+    """argparse type of `--metric_kwargs`: a JSON object."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"--metric_kwargs={value!r} is not valid JSON ({e.msg}); give an object like '{{}}'."
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(
+            f'--metric_kwargs={value!r} is invalid: it must be a JSON object such as \'{{"average": "macro"}}\'.'
+        )
+    return parsed
+
+
 @dataclasses.dataclass
 class ClassificationDataArguments(HubDataArguments):
-    """`HubDataArguments` plus the label column, for `load_classification_splits`."""
+    """`HubDataArguments` plus the label column, for `load_classification_splits`, and the evaluation metric."""
 
     label_column: str = dataclasses.field(
         default="label", metadata={"help": "Column holding the label (ClassLabel, int or str)."}
     )
+    metric: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "The `evaluate` metric of the evaluation set, computed from the predicted labels (argmax of the "
+            "logits) and the true ones: a local metric script or folder, or (online) a Hub metric such as f1 or "
+            "matthews_correlation. Default: the accuracy script that ships with hf_dppf (hf_dppf/metrics/"
+            "accuracy.py), which needs no network."
+        },
+    )
+    metric_kwargs: str = dataclasses.field(
+        default="{}",
+        metadata={
+            "help": 'Extra arguments of the metric\'s compute(), as a JSON object, e.g. \'{"average": "macro"}\'.'
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.metric_kwargs = json.dumps(_json_object(self.metric_kwargs))  # refuse bad JSON before any work
+
+
+def classification_metric(args: ClassificationDataArguments, training_args: Any) -> Callable[[Any], dict[str, float]]:
+    """
+    `compute_metrics` for a classifier: `args.metric` (default: hf_dppf's offline accuracy script) loaded with
+    `evaluate` and applied to the argmax of the logits and the labels, with `args.metric_kwargs`.
+
+    The main process loads it first (it fills evaluate's module cache; the others then read it) and every process keeps
+    its inputs in memory, so the ranks, which all compute the metric on the gathered predictions, share no cache file.
+    """
+    import evaluate
+    import numpy as np
+
+    from .metrics import ACCURACY
+
+    with training_args.main_process_first(desc="loading the evaluation metric"):
+        metric = evaluate.load(args.metric or ACCURACY, keep_in_memory=True)
+    kwargs = json.loads(args.metric_kwargs)
+
+    def compute(prediction: Any) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids, **kwargs)
+
+    return compute
+
+
+def headline_metric(evaluation: dict[str, Any]) -> tuple[str, float]:
+    """The metric a recipe prints: `eval_accuracy` if computed, else the first metric that is not bookkeeping."""
+    if "eval_accuracy" in evaluation:
+        return "accuracy", evaluation["eval_accuracy"]
+    bookkeeping = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch"}
+    name = next((k for k in evaluation if k.startswith("eval_") and k not in bookkeeping), "eval_loss")
+    return name.removeprefix("eval_"), evaluation[name]
 
 
 def _columns(dataset: Any, args: Any, input_name: str) -> Any:
@@ -153,14 +219,6 @@ def load_classification_splits(args: Any, input_name: str, offline: Callable[[],
         split = train.train_test_split(test_size=args.test_size, seed=OFFLINE_SPLIT_SEED, stratify_by_column="label")
         train, evaluation = split["train"], split["test"]
     return train, evaluation
-
-
-def accuracy(prediction: Any) -> dict[str, float]:
-    """`compute_metrics` for classifiers: accuracy from the logits, computed locally (no metric download)."""
-    import numpy as np
-
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
 
 
 def parse_recipe_args(

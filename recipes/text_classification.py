@@ -43,8 +43,9 @@ from transformers import (
 from hf_dppf.data import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
 from hf_dppf.recipe_utils import (
     ClassificationDataArguments,
-    accuracy,
+    classification_metric,
     end,
+    headline_metric,
     load_classification_splits,
     parse_recipe_args,
     print_summary,
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy,
+        compute_metrics=classification_metric(data_args, training_args),
     )
     # Sequence-classification losses are per-example means that ignore `num_items_in_batch`: without this the Trainer
     # would skip its division by the accumulation steps and (stock DDP) multiply the loss by the number of processes.
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if trainer.is_world_process_zero():
         what = "the averaged model (DPPF)" if training_args.dppf else "the model (stock DDP)"
-        headline = f"eval accuracy of {what}: {record['eval']['eval_accuracy']:.4f}"
+        name, value = headline_metric(record["eval"])
+        headline = f"eval {name} of {what}: {value:.4f}"
         print_summary(record, f"{headline} ({len(evaluation)} examples, {training_args.world_size} processes)")
     end(trainer)
     return record

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,12 +313,33 @@ def local_hub(tmp_path_factory) -> tuple[str, str, int]:
     return str(root / "model"), str(root / "data"), 4 * sum(t.numel() for t in tensors) + 16
 
 
+SCORED_METRIC = """
+import datasets
+import evaluate
+import numpy as np
+
+class Scored(evaluate.Metric):
+    def _info(self):
+        features = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
+        return evaluate.MetricInfo(description="accuracy and error count", citation="", features=features)
+
+    def _compute(self, predictions, references, count_errors):
+        right = np.asarray(predictions) == np.asarray(references)
+        return {"accuracy": float(right.mean()), **({"errors": int((~right).sum())} if count_errors else {})}
+"""
+
+
 def test_image_recipe_hub_path_with_dppf(local_hub, tmp_path) -> None:
     model, data, round_bytes = local_hub
     out = tmp_path / "out"
     args = ["--model_name_or_path", model, "--dataset_name", data, "--image_column", "img", "--label_column", "digit"]
     args += ["--ignore_mismatched_sizes", "--output_dir", str(out), "--per_device_train_batch_size", "4"]
     args += ["--max_steps", "6", "--logging_steps", "3", "--dppf", "--dppf_tau", "3", "--seed", "7"]
+    metric = (
+        tmp_path / "scored.py"
+    )  # a local `evaluate` metric script; its keyword arguments come from --metric_kwargs
+    metric.write_text(SCORED_METRIC)
+    args += ["--metric", str(metric), "--metric_kwargs", '{"count_errors": true}']
     done = torchrun("image_classification.py", args)
     assert "eval accuracy of the averaged model (DPPF)" in done.stdout and "(30 examples, 2 processes)" in done.stdout
     r = json.loads((out / "results.json").read_text())
@@ -337,6 +359,7 @@ def test_image_recipe_hub_path_with_dppf(local_hub, tmp_path) -> None:
     assert stats["total_bytes_per_worker"] == 3 * round_bytes + FINGERPRINT_BYTES, "and one final averaging round"
     assert stats["valley_width"] > 0
     assert round(r["eval"]["eval_accuracy"] * 30, 9) == round(r["eval"]["eval_accuracy"] * 30), "of 30 images"
+    assert r["eval"]["eval_errors"] == 30 - round(r["eval"]["eval_accuracy"] * 30)
     saved = json.loads((out / "config.json").read_text())
     assert sorted(saved["id2label"].values()) == [str(d) for d in range(10)], (
         "the head was resized to the data's labels"
@@ -382,3 +405,40 @@ def test_causal_lm_recipe_learns_with_sam_under_ddp(tmp_path) -> None:
     assert end["eval_loss"] < start["eval_loss"] - 0.7, "12 steps: about 8.2 -> 7.0 measured"
     for entry in (start, end, r["eval"]):
         assert entry["eval_perplexity"] == pytest.approx(math.exp(entry["eval_loss"]), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def test_shipped_accuracy_metric_loads_offline_and_equals_the_count() -> None:
+    """hf_dppf/metrics/accuracy.py through `evaluate.load`, in a process where the Hub is switched off."""
+    code = """
+import json, sys, evaluate, numpy as np
+from hf_dppf.metrics import ACCURACY
+rng = np.random.default_rng(0)
+pred, ref, w = rng.integers(0, 5, 1000), rng.integers(0, 5, 1000), rng.random(1000)
+m = evaluate.load(ACCURACY, keep_in_memory=True)
+print(json.dumps([m.compute(predictions=pred, references=ref)["accuracy"],
+                  m.compute(predictions=pred, references=ref, normalize=False)["accuracy"],
+                  m.compute(predictions=pred, references=ref, sample_weight=w)["accuracy"],
+                  int((pred == ref).sum()), float(((pred == ref) * w).sum() / w.sum())]))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fraction, count, weighted, right, weighted_right = json.loads(done.stdout.strip().splitlines()[-1])
+    assert count == right and fraction == right / 1000
+    assert weighted == pytest.approx(weighted_right, rel=1e-12)
+
+
+def test_metric_flags_are_checked_at_parsing_and_name_the_headline() -> None:
+    from hf_dppf.recipe_utils import ClassificationDataArguments, headline_metric, parse_recipe_args
+
+    (args,) = parse_recipe_args((ClassificationDataArguments,), {}, None, ["--metric_kwargs", '{"average": "macro"}'])
+    assert json.loads(args.metric_kwargs) == {"average": "macro"} and args.metric is None
+    for bad, why in (("{average", "is not valid JSON"), ("[1, 2]", "is invalid: it must be a JSON object")):
+        with pytest.raises(ValueError, match=rf"--metric_kwargs='{re.escape(bad)}' {why}"):
+            parse_recipe_args((ClassificationDataArguments,), {}, None, ["--metric_kwargs", bad])
+    assert headline_metric({"eval_loss": 0.3, "eval_accuracy": 0.9, "eval_f1": 0.8}) == ("accuracy", 0.9)
+    assert headline_metric({"eval_loss": 0.3, "eval_runtime": 1.0, "eval_f1": 0.8}) == ("f1", 0.8)
+    assert headline_metric({"eval_loss": 0.3, "epoch": 1.0}) == ("loss", 0.3)
