@@ -48,7 +48,9 @@ def _run_link(args: argparse.Namespace, rate: str | None, output_json: Path) -> 
     """One `hf-dppf bench` run over loopback (`rate=None`) or across testbed links: its result and the goodput."""
     command = _bench_command(args, output_json)
     if rate is None:
-        proc = subprocess.run([*command, "--nproc", str(args.nproc)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [*command, "--nproc", str(args.nproc)], capture_output=True, text=True, timeout=args.timeout
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"the loopback benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads(output_json.read_text()), None
@@ -91,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also run across testbed links of these rates (tc syntax, e.g. 1gbit 100mbit); needs root",
     )
     parser.add_argument(
-        "--timeout", type=float, default=1800.0, help="seconds before one link's run is killed (default: %(default)s)"
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds before one run (one link) is killed (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     if args.rates is None:
