@@ -166,6 +166,12 @@ def headline_metric(evaluation: dict[str, Any]) -> tuple[str, float]:
     return name.removeprefix("eval_"), evaluation[name]
 
 
+def print_classification_summary(record: dict[str, Any], examples: int) -> None:
+    """`print_summary` for the classifier recipes: their headline metric over `examples` evaluation examples."""
+    name, value = headline_metric(record["eval"])
+    print_summary(record, name, f"{value:.4f}", f"{examples} examples")
+
+
 def _columns(dataset: Any, args: Any, input_name: str) -> Any:
     """Keep only the input and label columns, named `input_name` (e.g. `text`, `image`) and `label`."""
     wanted = ((f"--{input_name}_column", getattr(args, f"{input_name}_column"), input_name),)
@@ -364,9 +370,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def print_summary(record: dict[str, Any], headline: str) -> None:
-    """Print the recipe's headline metric and, with DPPF, the consensus summary (main process only)."""
-    print(headline, flush=True)
+def print_summary(record: dict[str, Any], name: str, value: str, scope: str) -> None:
+    """
+    Print the recipe's headline, `eval <name> of <the model or the average>: <value> (<scope>, <N> processes)`, and,
+    with DPPF, the consensus summary (main process only).
+    """
+    what = "the averaged model (DPPF)" if record["method"]["dppf"] else "the model (stock DDP)"
+    print(f"eval {name} of {what}: {value} ({scope}, {record['num_processes']} processes)", flush=True)
     stats = record["dppf_stats"]
     if stats is not None:
         print(

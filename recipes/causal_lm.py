@@ -307,12 +307,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         derived_metrics=perplexity,
     )
     if trainer.is_world_process_zero():
-        what = "the averaged model (DPPF)" if training_args.dppf else "the model (stock DDP)"
         result = record["eval"]
         print_summary(
             record,
-            f"eval loss of {what}: {result['eval_loss']:.4f}, perplexity {result['eval_perplexity']:.2f} "
-            f"({len(evaluation)} blocks of {block_size} tokens, {training_args.world_size} processes)",
+            "loss",
+            f"{result['eval_loss']:.4f}, perplexity {result['eval_perplexity']:.2f}",
+            f"{len(evaluation)} blocks of {block_size} tokens",
         )
     end(trainer)
     return record

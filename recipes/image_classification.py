@@ -49,10 +49,9 @@ from hf_dppf.recipe_utils import (
     ClassificationDataArguments,
     classification_metric,
     end,
-    headline_metric,
     load_classification_splits,
     parse_recipe_args,
-    print_summary,
+    print_classification_summary,
     setup_logging,
     train_and_evaluate,
 )
@@ -218,10 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         resume_from_checkpoint=training_args.resume_from_checkpoint,
     )
     if trainer.is_world_process_zero():
-        what = "the averaged model (DPPF)" if training_args.dppf else "the model (stock DDP)"
-        name, value = headline_metric(record["eval"])
-        headline = f"eval {name} of {what}: {value:.4f}"
-        print_summary(record, f"{headline} ({len(evaluation)} examples, {training_args.world_size} processes)")
+        print_classification_summary(record, len(evaluation))
     end(trainer)
     return record
 
