@@ -33,6 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_env() -> dict[str, str]:
+    """
+    This environment for a command that a launcher (torchrun, accelerate launch) starts as in the docs: without the
+    rank variables a test process may carry, one thread per process, and offline.
+    """
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_CPU")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
 def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """The environment torchrun / accelerate launch would give a worker (and OMP_NUM_THREADS=1)."""
     return {

@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import count_collectives, free_port, gather_workers, record_collective_groups, run_distributed
+from dist_utils import (
+    count_collectives,
+    free_port,
+    gather_workers,
+    launcher_env,
+    record_collective_groups,
+    run_distributed,
+)
 from test_trainer import tiny_classifier  # noqa: F401 (a fixture)
 from trainer_fixtures import make_args, tiny_bert, toy_data
 
@@ -58,6 +65,13 @@ def mlp(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
 
 
+def train_step(engine: Any, g: torch.Generator) -> None:
+    """One DeepSpeed step of the MLP on a random batch of 4 drawn from `g` (each rank its own)."""
+    x, y = torch.randn(4, 10, generator=g), torch.randn(4, 3, generator=g)
+    engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+    engine.step()
+
+
 def full_parameters(model: torch.nn.Module, stage: int) -> list[torch.Tensor]:
     """The replica's full parameters (ZeRO-3 gathers them inside the replica)."""
     import deepspeed
@@ -83,9 +97,7 @@ def _replica_round(rank: int, stage: int, replica_size: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(rank)
 
     def local_step() -> None:
-        x, y = torch.randn(4, 10, generator=g), torch.randn(4, 3, generator=g)
-        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
-        engine.step()
+        train_step(engine, g)
         assert dppf.step(PUSH_SCALE) is False
 
     for _ in range(WARMUP_STEPS):
@@ -185,9 +197,7 @@ def _strategy_rounds(rank: int, stage: int) -> dict[str, float]:
         dppf = DeepSpeedDPPF(engine, DPPFConfig(replica_size=2, strategy=name, tau=1000, **settings), groups)
         centre, worst[name] = None, 0.0
         for _ in range(2):  # easgd's second round starts from the centre variable the first one left
-            x, y = torch.randn(4, 10, generator=g), torch.randn(4, 3, generator=g)
-            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
-            engine.step()
+            train_step(engine, g)
             workers = gather_workers(full_parameters(engine.module, stage), WORLD)[::2]
             dppf.observe(loss=RANK_LOSSES[rank], grad_norm=REPLICA_GRAD_NORMS[groups.replica_index])
             expected = simulate_consensus(
@@ -442,10 +452,7 @@ def test_recipe_under_accelerate_launch_with_the_cpu_deepspeed_config(tiny_class
     command += ["--model_name_or_path", tiny_classifier, "--output_dir", str(tmp_path / "out")]
     command += ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "32"]
     command += ["--max_steps", "4", "--logging_steps", "2", "--dppf_tau", "2"]
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_CPU")  # the command as in the docs
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, env=launcher_env(), timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert "(32 examples, 4 processes)" in out and "DPPF: 2 rounds" in out

@@ -41,6 +41,14 @@ def trainable(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
+def drift(tensors: list[torch.Tensor], rank: int, step: int, scale: float = 0.1) -> None:
+    """A deterministic "local phase" of worker `rank`: every worker drifts its own way (in place)."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    with torch.no_grad():
+        for t in tensors:
+            t.add_(scale * torch.randn(t.shape, generator=g))
+
+
 def _oracle_rounds(rank: int, world_size: int, config: DPPFConfig, rounds: int) -> dict:
     model = OddModel()
     model.randomise(seed=100 + rank)
@@ -49,11 +57,7 @@ def _oracle_rounds(rank: int, world_size: int, config: DPPFConfig, rounds: int) 
     engine = DPPFConsensus(model, config)
     worst, buckets = 0.0, 0
     for k in range(rounds):
-        with torch.no_grad():  # a "local phase": every worker drifts its own way
-            g = torch.Generator().manual_seed(1000 * k + rank)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        drift([p for p in model.parameters() if p.requires_grad], rank, k)
         workers = gather_workers(trainable(model), world_size)
         buffers = gather_workers([model.bn.running_mean.clone(), model.bn.running_var.clone()], world_size)
         expected = simulate_round(workers, config, push_scale=0.7)[rank]

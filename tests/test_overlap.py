@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import count_collectives, gather_workers, run_distributed
-from test_engine import OddModel, trainable
+from test_engine import OddModel, drift, trainable
 from test_trainer import RESUME, _resume, collected
 
 from hf_dppf import DPPF, DPPFConfig, DPPFConsensus
@@ -23,10 +23,7 @@ PUSH_SCALE = 0.7
 
 def local_step(tensors: list[torch.Tensor], rank: int, step: int) -> None:
     """A deterministic "optimizer step" of worker `rank`: every worker drifts its own way (in place, float32)."""
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    with torch.no_grad():
-        for t in tensors:
-            t.add_(0.05 * torch.randn(t.shape, generator=g))
+    drift(tensors, rank, step, scale=0.05)
 
 
 def _trajectory(rank: int, world_size: int, config: DPPFConfig, steps: int) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from dist_utils import free_port, run_distributed
+from dist_utils import free_port, launcher_env, run_distributed
 
 from hf_dppf import DPPFConfig
 from hf_dppf.consensus import FINGERPRINT_BYTES
@@ -44,10 +44,7 @@ def torchrun(script: str, args: list[str], timeout: int = 300) -> subprocess.Com
     """Run a recipe on 2 CPU processes with torchrun, as the README does (offline)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command += [str(free_port()), str(REPO / "recipes" / script), *args]
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_CPU")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, env=launcher_env(), timeout=timeout, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dist_utils import count_collectives, gather_workers, run_distributed
 from safetensors.torch import load_file, save_file
 from test_accelerate import make_model, params
-from test_engine import OddModel, trainable
+from test_engine import OddModel, drift, trainable
 from test_trainer import _tensors_equal, collected
 from trainer_fixtures import make_args, tiny_bert, toy_data
 from transformers import TrainerCallback
@@ -59,11 +59,7 @@ def _oracle_rounds(rank: int, world_size: int, config: DPPFConfig, rounds: int) 
     centre = None  # the oracle's easgd centre variable, carried from round to round
     worst = 0.0
     for k in range(rounds):
-        with torch.no_grad():  # a "local phase": every worker drifts its own way
-            g = torch.Generator().manual_seed(1000 * k + rank)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        drift([p for p in model.parameters() if p.requires_grad], rank, k)
         for loss, grad_norm in fed_values(rank, world_size, k):
             engine.observe(loss=torch.tensor(loss), grad_norm=grad_norm)
         losses, grad_norms = fed_means(world_size, k)

@@ -36,14 +36,14 @@ dist.barrier(); dist.destroy_process_group()
 """
 
 
+def live_namespaces(prefix: str = "dppftb-") -> list[str]:
+    """The network namespaces whose names start with `prefix` (every testbed's by default)."""
+    listing = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.startswith(prefix)]
+
+
 def namespaces_of(pid: int) -> list[str]:
-    listing = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
-    return [line.split()[0] for line in listing.splitlines() if line.startswith(f"dppftb-{pid}-")]
-
-
-def all_testbed_namespaces() -> set[str]:
-    listing = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
-    return {line.split()[0] for line in listing.splitlines() if line.startswith("dppftb-")}
+    return live_namespaces(f"dppftb-{pid}-")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
 def test_bench_across_links_table_matches_runs(tmp_path):
     """`scripts/bench_consensus.py --rates`: a loopback and a shaped run, and a table that is exactly those runs."""
     out, out_json = tmp_path / "links.md", tmp_path / "links.json"
-    before = all_testbed_namespaces()
+    before = set(live_namespaces())
     cmd = [sys.executable, str(SCRIPT.parent / "bench_consensus.py"), "--model", "bert-tiny", "--repeats", "1"]
     cmd += ["--skip_localsgd", "--rates", RATE, "--output", str(out), "--output_json", str(out_json)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -175,4 +175,4 @@ def test_bench_across_links_table_matches_runs(tmp_path):
             f"{m['median_ms']:.0f} ms ({m['ratio']:.2f}x)" for name, m in result["methods"].items() if name != floor
         ]
         assert cells == expected
-    assert all_testbed_namespaces() == before  # the sweep removed its namespaces
+    assert set(live_namespaces()) == before  # the sweep removed its namespaces

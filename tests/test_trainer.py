@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import count_collectives, free_port, gather_workers, run_distributed
+from dist_utils import count_collectives, free_port, gather_workers, launcher_env, run_distributed
 from safetensors.torch import load_file
 from trainer_fixtures import N_SAMPLES, make_args, tiny_bert, toy_data
 from transformers import HfArgumentParser, Trainer, TrainerCallback
@@ -475,10 +475,7 @@ def test_recipe_runs_under_both_launchers(launcher, tiny_classifier, tmp_path):
     command += [str(RECIPE), "--model_name_or_path", tiny_classifier, "--output_dir", str(tmp_path / "out")]
     command += ["--max_train_samples", "64", "--max_eval_samples", "32", "--max_seq_length", "32"]
     command += ["--max_steps", "4", "--logging_steps", "2", "--dppf", "--dppf_tau", "2"]
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_CPU")  # the commands as in the README
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, env=launcher_env(), timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert "eval accuracy of the averaged model (DPPF)" in out and "(32 examples, 2 processes)" in out
