@@ -199,11 +199,11 @@ def load_classification_splits(args: Any, input_name: str, offline: Callable[[],
     The training and evaluation sets of a classification recipe, with an `input_name` column and a `ClassLabel` column
     `label`: `offline()` when no `--dataset_name` is given, else the Hub dataset's `--train_split` and `--eval_split`
     (default: `validation` or `test`). Without an evaluation split, a stratified `--test_size` is held out with a fixed
-    seed.
+    seed. `--max_train_samples` / `--max_eval_samples` then keep the first examples of each.
 
     Args:
         args: the recipe's data arguments (`dataset_name`, `dataset_config_name`, `train_split`, `eval_split`,
-            `<input_name>_column`, `label_column`, `test_size`).
+            `<input_name>_column`, `label_column`, `test_size`, `max_train_samples`, `max_eval_samples`).
         input_name (`str`): `"text"` or `"image"`.
         offline (`Callable[[], datasets.Dataset]`): the offline default (columns `input_name` and `label`).
     """
@@ -224,6 +224,10 @@ def load_classification_splits(args: Any, input_name: str, offline: Callable[[],
     if evaluation is None:
         split = train.train_test_split(test_size=args.test_size, seed=OFFLINE_SPLIT_SEED, stratify_by_column="label")
         train, evaluation = split["train"], split["test"]
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
     return train, evaluation
 
 
