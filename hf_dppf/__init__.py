@@ -4,7 +4,7 @@ from importlib import import_module
 from typing import Any
 
 from .config import DPPFConfig
-from .consensus import DPPFConsensus, DPPFStats
+from .engine import DPPFConsensus, DPPFStats
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .config import DPPFConfig
-from .consensus import DPPFConsensus, DPPFStats
+from .engine import DPPFConsensus, DPPFStats
 from .strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)

@@ -108,7 +108,7 @@ def _bench(args: argparse.Namespace) -> dict | None:
     from transformers import BertConfig, BertModel
 
     from .config import DPPFConfig
-    from .consensus import DPPFConsensus
+    from .engine import DPPFConsensus
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .config import DPPFConfig
-from .consensus import DPPFConsensus, DPPFStats
+from .engine import DPPFConsensus, DPPFStats
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainerCallback
 
-from .consensus import DPPFStats
+from .engine import DPPFStats
 from .trainer import DPPFTrainer
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ The centres:
 - `"leader"`: the weights of the worker with the lowest recent training loss (`lsgd`);
 - `"weighted"`: the average weighted by `1 / (||g_i|| + eps)`, `g_i` the worker's recent gradient (`grawa`).
 
-The engine (`consensus.py`) and the oracle (`simulate.py`) both take `c_i` from `Strategy.coefficient` and the scalar
+The engine (`hf_dppf.engine`) and the oracle (`simulate.py`) both take `c_i` from `Strategy.coefficient` and the scalar
 choices (`leader_rank`, `grawa_weight`) from here, so they cannot disagree on them; the closed-form tests check the
 rules themselves. What each round communicates is listed in `Strategy.communication`.
 """

@@ -28,8 +28,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .accelerate import _inner_optimizer, after_round, initial_lr, lr_push_scale, restore_ddp, silence_ddp
 from .arguments import DPPFArguments
-from .consensus import DPPFConsensus
 from .deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage, zero_stage_of
+from .engine import DPPFConsensus
 
 logger = logging.getLogger(__name__)
 

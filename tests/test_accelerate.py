@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dist_utils import count_collectives, gather_workers, run_distributed
 
 from hf_dppf import DPPF, DPPFConfig
-from hf_dppf.consensus import FINGERPRINT_BYTES
+from hf_dppf.engine import FINGERPRINT_BYTES
 from hf_dppf.simulate import simulate_round
 
 TAU, ACCUM = 3, 2

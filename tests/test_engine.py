@@ -9,7 +9,7 @@ import torch
 from dist_utils import count_collectives, gather_workers, run_distributed
 
 from hf_dppf import DPPFConfig, DPPFConsensus
-from hf_dppf.consensus import FINGERPRINT_BYTES
+from hf_dppf.engine import FINGERPRINT_BYTES
 from hf_dppf.simulate import distances_to_average, simulate_round
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from dist_utils import free_port
 
-from hf_dppf.consensus import FINGERPRINT_BYTES
+from hf_dppf.engine import FINGERPRINT_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = 128

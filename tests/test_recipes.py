@@ -25,7 +25,7 @@ import torch
 from dist_utils import free_port, launcher_env, run_distributed
 
 from hf_dppf import DPPFConfig
-from hf_dppf.consensus import FINGERPRINT_BYTES
+from hf_dppf.engine import FINGERPRINT_BYTES
 from hf_dppf.sam import SAM, SAMTrainingArguments, frozen_running_stats
 
 REPO = Path(__file__).resolve().parents[1]

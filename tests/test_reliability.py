@@ -31,7 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dppf import DPPFConfig, DPPFConsensus, DPPFTrainer, DPPFTrainingArguments, cli
 from hf_dppf.arguments import flag_name
-from hf_dppf.consensus import FINGERPRINT_BYTES
+from hf_dppf.engine import FINGERPRINT_BYTES
 from hf_dppf.simulate import distances_to_average, simulate_round
 
 BAD = 2  # the rank whose weights go bad in the non-finite tests

@@ -28,7 +28,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from hf_dppf import DPPFConfig, DPPFTrainer, DPPFTrainingArguments
 from hf_dppf.arguments import config_field_help, flag_name
-from hf_dppf.consensus import FINGERPRINT_BYTES
+from hf_dppf.engine import FINGERPRINT_BYTES
 from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]

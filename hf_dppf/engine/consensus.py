@@ -41,8 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import DPPFConfig
-from .strategies import CENTRES, STRATEGIES, Strategy, grawa_weight, leader_rank
+from ..config import DPPFConfig
+from ..strategies import CENTRES, STRATEGIES, Strategy, grawa_weight, leader_rank
 
 logger = logging.getLogger(__name__)
 
