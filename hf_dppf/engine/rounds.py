@@ -1,0 +1,134 @@
+"""
+The round's tensor math on the bucket layout: reduce, norms, write-back. No host reads and no policy here: every
+function issues a fixed number of ops per bucket (a `torch._foreach_*` over the bucket's tensors, or one op on its
+flat buffer), returns norms as device tensors, and leaves the decisions (coefficients, non-finite workers) to the
+engine, which reads the host twice per round.
+
+Every strategy moves a worker along the line through a centre and its own weights (`hf_dppf.strategies`). After the
+reduction a bucket's wire buffer holds `k * centre` (`k = M` for the plain sum of M workers, `k = 1` when it already
+holds the centre: lsgd's broadcast, grawa's weighted sum). From there two ways lead on:
+
+- *difference* (a push or a partial pull): `comm <- comm - k * x_i = k * (centre - x_i)`, whose norm is `k * r_i`;
+  the write-back is one fused `x_i += (1 - c_i) / k * comm`.
+- *exact* (the worker becomes the centre: `avg`, `averaged()`, buffers, re-seeded workers): `comm <- comm / k`; the
+  write-back is a copy, so every worker holds the same bits.
+
+With a half-precision wire the buffer holds the sum in bf16/fp16: the difference is formed in a float32 scratch
+buffer (one per layout, as large as the largest bucket) and formed again at write-back, so no full-size float32
+copy of the model is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .buckets import Bucket
+from .collectives import Collectives
+
+F32 = torch.float32
+
+
+def norm(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of a flat buffer, accumulated in at least float32 (float64 stays float64): one op."""
+    return torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, F32))
+
+
+def sum_of_squares(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`sum n^2` over partial norms, in float64 on the device (a constant number of ops, whatever the count)."""
+    if not norms:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(norms).double().square().sum()
+
+
+def start(buckets: list[Bucket], comm: Collectives, contribute: bool = True) -> None:
+    """Copy every bucket onto the wire (zeros for a worker that does not contribute) and start its all-reduce."""
+    for b in buckets:
+        if contribute:
+            b.copy_in()
+        else:
+            b.comm.zero_()
+        b.work = comm.all_reduce(b.comm, async_op=True)
+
+
+def difference(b: Bucket, k: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """
+    Form `k * (centre - x_i)` from a bucket whose wire buffer holds `k * centre`: in place on the wire buffer, or in
+    the scratch buffer for a half-precision wire. Returns the flat difference and its views.
+    """
+    if b.same_dtype:
+        torch._foreach_sub_(b.views, b.tensors, alpha=k)
+        return b.comm, b.views
+    b.scratch.copy_(b.comm)
+    torch._foreach_sub_(b.scratch_views, b.tensors, alpha=k)
+    return b.scratch, b.scratch_views
+
+
+def reduce(
+    buckets: list[Bucket], comm: Collectives, k: float, *, exact: bool, contribute: bool = True
+) -> torch.Tensor:
+    """
+    All-reduce every bucket and measure, bucket by bucket while the later ones are still in flight.
+
+    Args:
+        buckets: the layout.
+        comm: the collectives.
+        k (`float`): what the sum is divided by to give the centre (the number of contributing workers).
+        exact (`bool`): parameter buckets end holding the centre (else `k * (centre - x_i)`, or the sum for a
+            half-precision wire). Buffer buckets always end holding the average.
+        contribute (`bool`): `False` sends zeros (a worker with NaN/Inf weights).
+
+    Returns:
+        `torch.Tensor`: on the device, float64, summed over this worker's shards:
+        `[||k centre||^2, ||k (centre - x_i)||^2 (0 when exact), sum of the buffers' squares]`; a NaN/Inf in any
+        worker shows in the first or the last.
+    """
+    start(buckets, comm, contribute)
+    centre, diff, buffers = [], [], []
+    for b in buckets:
+        comm.wait(b.work)
+        b.work = None
+        if not b.is_param:
+            buffers.append(norm(b.comm))
+            b.comm.div_(k)
+            continue
+        centre.append(norm(b.comm))
+        if exact:
+            b.comm.div_(k)
+        else:
+            diff.append(norm(difference(b, k)[0]))
+    device = buckets[0].comm.device if buckets else torch.device("cpu")
+    squares = [sum_of_squares(n, device) for n in (centre, diff, buffers)]
+    return comm.over_shards(torch.stack(squares))
+
+
+def write_difference(b: Bucket, k: float, weight: float) -> None:
+    """`x_i += weight * k * (centre - x_i)` for a parameter bucket left by `reduce(exact=False)`."""
+    views = b.views if b.same_dtype else difference(b, k)[1]
+    torch._foreach_add_(b.tensors, views, alpha=weight)
+
+
+def settle(buckets: list[Bucket], measure: bool) -> list[torch.Tensor]:
+    """
+    Every worker takes the centre its buckets hold (`reduce(exact=True)`), bit for bit the same on every rank. With
+    `measure`, first measure `||x_i - centre||` per tensor (the round's statistics; `x_i` is overwritten anyway).
+
+    Returns:
+        `list[torch.Tensor]`: the per-tensor distances (empty without `measure`).
+    """
+    norms: list[torch.Tensor] = []
+    for b in buckets:
+        if b.is_param and measure:
+            torch._foreach_sub_(b.tensors, b.views)
+            norms += torch._foreach_norm(b.tensors)
+        torch._foreach_copy_(b.tensors, b.views)
+    return norms
+
+
+def distances(r: torch.Tensor, c: float, comm: Collectives) -> torch.Tensor:
+    """
+    `[sum_i r_i, sum_i |c_i| r_i]` over the workers (one all-reduce of 16 bytes), from this worker's `r_i` (a device
+    scalar; zero for a re-seeded worker). Not read here.
+    """
+    dists = torch.stack([r, r * abs(c)]).double()
+    comm.all_reduce(dists)
+    return dists

@@ -1,0 +1,158 @@
+"""
+The round at accelerator speed: on a GPU every tensor op is a kernel launch and every host read a stall, so every kind
+of round must dispatch at most 10 ops per bucket plus 60 and read the host at most twice, however many tensors or
+elements a bucket holds.
+
+Oracle: a `TorchDispatchMode` that sees every op the engine dispatches (the collectives included) and every
+`_local_scalar_dense` (`.item()`, `bool()`, `float()` of a tensor), plus a count of `Tensor.tolist()` calls, on
+both ranks of a 2-process gloo group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_dppf import DPPFConfig, DPPFConsensus
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.reads = 0
+        self.names: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        name = str(func)
+        self.names[name] = self.names.get(name, 0) + 1
+        if "_local_scalar_dense" in name:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counted() -> Iterator[_Counter]:
+    """Count dispatched ops and host reads (`_local_scalar_dense` and `Tensor.tolist`) inside the block."""
+    counter = _Counter()
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(self, *args, **kwargs):
+        counter.reads += 1
+        return tolist(self, *args, **kwargs)
+
+    torch.Tensor.tolist = counting_tolist
+    try:
+        with counter:
+            yield counter
+    finally:
+        torch.Tensor.tolist = tolist
+
+
+# (name, config, what one "round" is): every kind of round the issue lists
+def _round(engine: DPPFConsensus) -> None:
+    engine.observe(loss=1.0 + engine.rank, grad_norm=2.0)  # lsgd: rank 0 leads, rank 1 moves
+    engine.round(push_scale=0.5)
+
+
+def _overlapped(engine: DPPFConsensus) -> None:
+    engine.launch(0.5)
+    engine.finish()
+
+
+def _averaged(engine: DPPFConsensus) -> None:
+    with engine.averaged():
+        pass
+
+
+KINDS: list[tuple[str, dict, Callable[[DPPFConsensus], None]]] = [
+    *[(f"{s}-{w}", dict(strategy=s, comm_dtype=w), _round) for s in ("dppf", "avg") for w in ("fp32", "bf16", "fp16")],
+    *[
+        (f"{s}-{w}", dict(strategy=s, comm_dtype=w), _round)
+        for s in ("easgd", "lsgd", "grawa")
+        for w in ("fp32", "bf16")
+    ],
+    ("dppf-alpha1-lam0", dict(alpha=1.0, lam=0.0), _round),
+    ("overlapped-dppf-fp32", dict(tau=2, overlap_steps=1), _overlapped),
+    ("overlapped-avg-bf16", dict(strategy="avg", tau=2, overlap_steps=1, comm_dtype="bf16"), _overlapped),
+    ("nonfinite-check", dict(), lambda e: e.ensure_finite()),
+    ("averaged", dict(), _averaged),
+]
+
+
+def _count(model: torch.nn.Module, kinds: list, bucket_mb: float) -> dict[str, tuple[int, int, int]]:
+    """`{kind: (ops, host reads, buckets)}` of the second call of each kind (the first builds the layout)."""
+    out = {}
+    for name, fields, run in kinds:
+        engine = DPPFConsensus(model, DPPFConfig(bucket_mb=bucket_mb, **fields))
+        run(engine)
+        with counted() as c:
+            run(engine)
+        out[name] = (c.ops, c.reads, len(engine.layout.ensure()))
+        del engine
+        gc.collect()
+    return out
+
+
+def _bert_counts(rank: int, world_size: int) -> dict:
+    """Both ranks build their own BERT-base (109.5M parameters in 199 tensors) and count every kind of round."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(rank)
+    model = BertModel(BertConfig()).requires_grad_(True)
+    return _count(model, KINDS, bucket_mb=25.0)
+
+
+def test_every_round_of_a_bert_base_model_is_o_buckets_ops_and_two_host_reads() -> None:
+    for counts in run_distributed(_bert_counts, 2):
+        for name, (ops, reads, buckets) in counts.items():
+            assert buckets >= (8 if "16" in name else 16), (name, buckets)  # 25 MiB on the wire: 8 half buckets
+            assert ops <= 10 * buckets + 60, f"{name}: {ops} ops for {buckets} buckets"
+            assert reads <= 2, f"{name}: {reads} host reads"
+
+
+def _growth_counts(rank: int, world_size: int) -> dict:
+    def model(tensors: int, numel: int) -> torch.nn.Module:
+        return torch.nn.ParameterList([torch.nn.Parameter(torch.randn(numel // tensors)) for _ in range(tensors)])
+
+    kinds = [k for k in KINDS if k[0].endswith(("fp32", "bf16")) or not k[0].startswith(("dppf-", "avg-"))]
+    return {size: _count(model(*size), kinds, bucket_mb=256.0) for size in ((4, 1 << 20), (64, 1 << 20), (4, 1 << 24))}
+
+
+def test_the_op_count_does_not_grow_with_tensors_or_elements_in_a_bucket() -> None:
+    for by_size in run_distributed(_growth_counts, 2):
+        small, many_tensors, many_elements = by_size.values()
+        for name in small:
+            assert small[name][2] == many_tensors[name][2] == many_elements[name][2] == 1, name
+            assert small[name][:2] == many_tensors[name][:2] == many_elements[name][:2], (
+                name,
+                small[name],
+                many_tensors[name],
+                many_elements[name],
+            )
+
+
+def _solo_step_and_round(rank: int, world_size: int) -> dict:
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(50)])  # 100 tensors
+    engine = DPPFConsensus(model, DPPFConfig(tau=2))
+    engine.step()
+    with counted() as between:
+        engine.step()  # M = 1: a round
+    with counted() as step:
+        engine.step()  # no round
+    return {"round": (between.ops, between.reads), "step": (step.ops, step.reads)}
+
+
+@pytest.mark.parametrize("world_size", [1])
+def test_one_worker_round_reads_once_and_a_step_between_rounds_costs_nothing(world_size: int) -> None:
+    (r,) = run_distributed(_solo_step_and_round, world_size)
+    assert r["step"] == (0, 0)
+    ops, reads = r["round"]
+    assert reads == 1 and ops <= 20, r
