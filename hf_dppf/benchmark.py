@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .cli_types import POSITIVE_INT, config_field
+from .engine import DPPFConsensus, rounds
 from .strategies import STRATEGIES
 
 SCHEMA = "hf_dppf.bench/1"
@@ -108,7 +109,6 @@ def _bench(args: argparse.Namespace) -> dict | None:
     from transformers import BertConfig, BertModel
 
     from .config import DPPFConfig
-    from .engine import DPPFConsensus
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -135,7 +135,7 @@ def _bench(args: argparse.Namespace) -> dict | None:
     for name, e in engines.items():
         methods["DPPFConsensus.round()" + ("" if name == "dppf" else f" [{name}]")] = fed_round(e)
     # what any round that keeps each worker's own weights must pay: copy in, bucketed all-reduce, divide
-    methods["copy + bucketed all-reduce (no pull-push)"] = lambda: engine._reduce(keep_average=True, norms=False)
+    methods["copy + bucketed all-reduce (no pull-push)"] = lambda: _copy_and_reduce(engine)
     if not args.skip_localsgd:
         from accelerate import Accelerator
         from accelerate.local_sgd import LocalSGD
@@ -172,6 +172,14 @@ def _bench(args: argparse.Namespace) -> dict | None:
             for name, t in times.items()
         },
     }
+
+
+def _copy_and_reduce(engine: DPPFConsensus) -> None:
+    """What any round that keeps each worker's own weights pays: copy every bucket in, all-reduce, wait."""
+    buckets = engine.layout.ensure()
+    rounds.start(buckets, engine.comm)
+    for b in buckets:
+        engine.comm.wait(b.work)
 
 
 def settings_line(result: dict) -> str:

@@ -25,6 +25,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 CENTRES = ("average", "elastic", "leader", "weighted")
 
 
@@ -60,8 +62,14 @@ def leader_rank(losses: Sequence[float]) -> int:
     return min(keyed)[1]
 
 
-def grawa_weight(grad_norm: float, eps: float) -> float:
-    """GRAWA's weight of a worker, `1 / (||g_i|| + eps)`; 0 for a non-finite gradient norm (that worker has no say)."""
+def grawa_weight(grad_norm: float | torch.Tensor, eps: float) -> float | torch.Tensor:
+    """
+    GRAWA's weight of a worker, `1 / (||g_i|| + eps)`; 0 for a non-finite or negative gradient norm (that worker has no
+    say). A tensor gives a tensor, computed on its device without a host read (the engine's form).
+    """
+    if isinstance(grad_norm, torch.Tensor):
+        ok = torch.isfinite(grad_norm) & (grad_norm >= 0)
+        return torch.where(ok, 1.0 / (grad_norm.clamp(min=0) + eps), 0.0)
     if not math.isfinite(grad_norm) or grad_norm < 0:
         return 0.0
     return 1.0 / (grad_norm + eps)  # DPPFConfig requires eps > 0 for grawa

@@ -15,31 +15,19 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..config import DPPFConfig
-from ..strategies import CENTRES, STRATEGIES, Strategy, grawa_weight, leader_rank
-from . import health, overlap, rounds
-from .buckets import BucketLayout, views_of
+from ..strategies import CENTRES, STRATEGIES
+from . import centres, health, overlap, rounds
+from .buckets import BucketLayout
 from .collectives import Collectives
-from .stats import OBSERVABLES, DPPFStats, build_state, parse_state
+from .stats import DPPFStats, Observations, build_state, parse_state
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Outcome:
-    """What a round leaves to be read (once) and recorded."""
-
-    reading: torch.Tensor  # on the device: [sum_i r_i, sum_i |c_i| r_i] (+ ||centre||^2 when not yet known)
-    count: int  # the workers that took part (the healthy ones)
-    mine: bool  # whether this worker took part (else it was re-seeded)
-    lam: float = 0.0
-    average_norm: float | None = None  # known from host read 1, else read with the distances
 
 
 class DPPFConsensus:
@@ -103,8 +91,7 @@ class DPPFConsensus:
         # it outlives layout rebuilds and is checkpointed.
         self._centre: dict[str, torch.Tensor] = {}
         # lsgd / grawa: what `observe()` was fed since the last round ([sum, count]) and the last round's mean.
-        self._window: dict[str, list] = {kind: [0.0, 0] for kind in OBSERVABLES}
-        self._last_observed: dict[str, float | None] = dict.fromkeys(OBSERVABLES)
+        self._observations = Observations()
         self.last_reseeded = False  # whether the last round (or `ensure_finite`) re-seeded this worker
         self._in_flight: overlap.InFlight | None = None  # an overlapped round launched and not yet applied
         self.verify_ranks()
@@ -143,7 +130,9 @@ class DPPFConsensus:
         """
         _check_push_scale(push_scale)
         rule = STRATEGIES[strategy or self.config.strategy]
-        observed = {kind: self._observed(kind, rule.name) for kind in rule.needs}  # raises before any collective
+        observed = {
+            kind: self._observations.mean(kind, rule.name) for kind in rule.needs
+        }  # raises before any collective
         self.finish()  # an overlapped round in flight lands first
         start = time.perf_counter()
         self.last_reseeded = False
@@ -156,12 +145,14 @@ class DPPFConsensus:
             lam = self.config.push_strength(math.sqrt(sq), push_scale) if rule.pushes else 0.0
             self.stats.record_round(0.0, 0.0, math.sqrt(sq), lam, (time.perf_counter() - start) * 1e3)
             return self.stats
+        args = (self.layout, self.comm, self.config, rule, self._where)
         if rule.centre == "average":
-            outcome = self._average_round(rule, push_scale)
+            outcome = rounds.average_round(*args, push_scale)
         elif rule.centre == "elastic":
-            outcome = self._elastic_round(rule)
+            outcome = centres.elastic_round(*args, self._centre)
         elif rule.centre in ("leader", "weighted"):
-            outcome = self._centre_round(rule, observed)
+            outcome = centres.centre_round(*args, observed)
+            self.stats.leader = outcome.leader
         else:
             raise ValueError(f"strategy {rule.name!r} has centre {rule.centre!r}, expected one of {CENTRES}.")
         reading = outcome.reading.tolist()  # host read 2
@@ -174,169 +165,7 @@ class DPPFConsensus:
 
     def _squares(self, norms: list[torch.Tensor]) -> torch.Tensor:
         """`sum n^2` of partial norms, over this worker's shards: a 1-element float64 device tensor, not read."""
-        return self.comm.over_shards(rounds.sum_of_squares(norms, self.layout.device()).reshape(1))
-
-    def _reduce_healthy(self, exact: bool, kind: str) -> tuple[list[float], int, bool, bool]:
-        """
-        `rounds.reduce` that never averages a NaN in: when the shared sum is not finite, find the bad workers (one
-        small all-reduce), apply the policy, and reduce again over the healthy ones, the bad ones sending zeros and
-        taking the average. Returns the squares (host read 1), the number of healthy workers, whether this one is,
-        and whether its buckets hold the exact average.
-        """
-        buckets = self.layout.ensure()
-        squares = rounds.reduce(buckets, self.comm, self.world_size, exact=exact).tolist()
-        if math.isfinite(squares[0]) and math.isfinite(squares[2]):
-            return squares, self.world_size, True, exact
-        healthy = health.healthy_workers(self.layout, self.comm)
-        health.apply_policy(
-            self.config.nonfinite_policy, healthy, self.world_size, self._where(kind), self.config.comm_dtype
-        )
-        mine = self.rank in healthy
-        exact = exact or not mine
-        squares = rounds.reduce(buckets, self.comm, len(healthy), exact=exact, contribute=mine).tolist()
-        return squares, len(healthy), mine, exact
-
-    def _average_round(self, rule: Strategy, push_scale: float) -> _Outcome:
-        """dppf and avg: pull toward (and push from) the plain average."""
-        alpha = self.config.alpha
-        exact = not rule.pushes or (alpha == 1.0 and self.config.push_strength(1.0, push_scale) == 0.0)
-        (sq_sum, sq_diff, _), count, mine, exact = self._reduce_healthy(exact, "round")
-        average_norm = math.sqrt(sq_sum) / count
-        lam = self.config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
-        buckets = self.layout.buckets
-        if exact:  # every worker takes the average, bit for bit the same on every rank
-            r, c = self._squares(rounds.settle(buckets, measure=mine))[0].sqrt(), 0.0
-        else:
-            r_host = math.sqrt(sq_diff) / count
-            c = rule.coefficient(r_host, alpha, lam, self.config.eps)
-            for b in buckets:
-                if b.is_param:
-                    rounds.write_difference(b, count, (1.0 - c) / count)
-                else:
-                    torch._foreach_copy_(b.tensors, b.views)
-            r = torch.tensor(r_host, dtype=torch.float64, device=self.layout.device())
-        return _Outcome(rounds.distances(r, c, self.comm), count, mine, lam, average_norm)
-
-    def _elastic_round(self, rule: Strategy) -> _Outcome:
-        """easgd: `x_i <- z + c (x_i - z)` (c = 1 - alpha), then `z <- z + beta (x_A - z)`; buffers get `x_A`."""
-        _, count, mine, _ = self._reduce_healthy(True, "round")
-        buckets = self.layout.buckets
-        params = [b for b in buckets if b.is_param]
-        self._ensure_centre(params)
-        c = rule.coefficient(0.0, self.config.alpha, 0.0, self.config.eps) if mine else 0.0
-        sq_z = self._squares(torch._foreach_norm([b.centre for b in params]) if params else [])
-        norms: list[torch.Tensor] = []
-        beta = self.config.moving_rate
-        for b in buckets:
-            if not b.is_param:
-                torch._foreach_copy_(b.tensors, b.views)
-                continue
-            if mine:
-                torch._foreach_sub_(b.tensors, b.centre_views)  # x_i - z (x_i is rewritten below)
-                norms += torch._foreach_norm(b.tensors)
-            if c == 0.0:  # alpha = 1, or a re-seeded worker (0 * NaN would keep the NaN)
-                torch._foreach_copy_(b.tensors, b.centre_views)
-            else:
-                torch._foreach_mul_(b.tensors, c)
-                torch._foreach_add_(b.tensors, b.centre_views)
-            if b.same_dtype:
-                b.centre.lerp_(b.comm, beta)
-            else:
-                b.centre.mul_(1.0 - beta).add_(b.comm, alpha=beta)
-        dists = rounds.distances(self._squares(norms)[0].sqrt(), c, self.comm)
-        return _Outcome(torch.cat([dists, sq_z]), count, mine)
-
-    def _ensure_centre(self, params: list) -> None:
-        """
-        easgd's centre buffers, one per parameter bucket: made from the saved centre (by name) or, the first time a
-        tensor is seen, from the average `x_A` (the bucket's views after the reduction). Per-tensor work, but only
-        when the layout changes.
-        """
-        for b in params:
-            if b.centre is not None:
-                continue
-            b.centre = torch.empty(b.numel, dtype=b.tensors[0].dtype, device=b.comm.device)
-            b.centre_views = views_of(b.centre, b.tensors)
-            for key, x, view, z in zip(b.keys, b.tensors, b.views, b.centre_views):
-                saved = self._centre.get(key)
-                if saved is not None and saved.shape != x.shape:
-                    raise ValueError(
-                        f"easgd centre variable {key!r} has shape {tuple(saved.shape)} but the parameter has "
-                        f"{tuple(x.shape)}: the checkpoint belongs to another model."
-                    )
-                z.copy_(saved if saved is not None else view)
-                self._centre[key] = z
-
-    def _centre_round(self, rule: Strategy, observed: dict[str, float]) -> _Outcome:
-        """
-        lsgd and grawa. Parameter buckets end holding the centre: lsgd broadcasts the leader's weights after one
-        all-reduce of every worker's loss; grawa all-reduces `(w_i / W) x_i` after one all-reduce of every worker's
-        `w_i`. Buffers get the plain average. A worker whose weights are not finite sends NaN instead of its loss or
-        weight: it never leads, has no weight, and takes the centre (`config.nonfinite_policy`).
-        """
-        buckets = self.layout.ensure()
-        device = self.layout.device()
-        if rule.centre == "leader":
-            value = observed["loss"] if math.isfinite(observed["loss"]) else math.inf  # a NaN loss never leads
-        else:
-            value = grawa_weight(observed["grad_norm"], self.config.eps)
-        value_t = torch.tensor([value], dtype=torch.float64, device=device)
-        if self.comm.sharded:  # a sharded worker: its ranks' losses (or norms) make one value
-            value_t = self.comm.over_shards(value_t) / dist.get_world_size(self.norm_group)
-        shared = torch.zeros(self.world_size, dtype=torch.float64, device=device)
-        shared[self.rank] = torch.where(health.local_bad(self.layout, self.comm) == 0, value_t[0], math.nan)
-        self.comm.all_reduce(shared)
-        values = shared.tolist()  # host read 1
-        healthy = [i for i, v in enumerate(values) if not math.isnan(v)]
-        if len(healthy) < self.world_size:
-            health.apply_policy(
-                self.config.nonfinite_policy, healthy, self.world_size, self._where(), self.config.comm_dtype
-            )
-        mine, leader, scale = self.rank in healthy, -1, 0.0
-        if rule.centre == "leader":
-            leader = self.stats.leader = healthy[leader_rank([values[i] for i in healthy])]
-        else:
-            total = sum(values[i] for i in healthy)
-            if not total > 0:
-                raise RuntimeError(
-                    f"grawa: the workers' weights 1/(||g||+eps) sum to {total}: every healthy worker fed a non-finite "
-                    "gradient norm, so there is no centre to pull toward."
-                )
-            scale = values[self.rank] / total if mine else 0.0
-        for b in buckets:
-            if b.is_param and leader >= 0:
-                if self.rank == leader:
-                    b.copy_in()
-                b.work = self.comm.broadcast(b.comm, leader, async_op=True)
-                continue
-            if not mine:
-                b.comm.zero_()
-            else:
-                b.copy_in()
-                if b.is_param:
-                    b.comm.mul_(scale)
-            b.work = self.comm.all_reduce(b.comm, async_op=True)
-        moves = mine and self.rank != leader
-        # the baselines' pull does not depend on r_i; the leader stays (c = 1), a re-seeded worker takes the centre
-        c = rule.coefficient(0.0, self.config.alpha, 0.0, self.config.eps) if moves else float(mine)
-        centre, diff = [], []
-        for b in buckets:
-            self.comm.wait(b.work)
-            b.work = None
-            if not b.is_param:
-                b.comm.div_(len(healthy))
-                torch._foreach_copy_(b.tensors, b.views)
-                continue
-            centre.append(rounds.norm(b.comm))
-            if moves:
-                flat, views = rounds.difference(b, 1.0)
-                diff.append(rounds.norm(flat))
-                torch._foreach_add_(b.tensors, views, alpha=1.0 - c)
-            elif not mine:
-                torch._foreach_copy_(b.tensors, b.views)
-        squares = self.comm.over_shards(torch.stack([rounds.sum_of_squares(n, device) for n in (centre, diff)]))
-        dists = rounds.distances(squares[1].sqrt(), c, self.comm)
-        return _Outcome(torch.cat([dists, squares[:1]]), len(healthy), mine)
+        return rounds.squares(norms, self.layout, self.comm)
 
     # ------------------------------------------------------------------ what lsgd and grawa need from each worker
     def observe(
@@ -356,24 +185,7 @@ class DPPFConsensus:
         for kind, value in (("loss", loss), ("grad_norm", grad_norm)):
             if value is None or kind not in needs:
                 continue
-            window = self._window[kind]
-            window[0] = window[0] + (value.detach().double() if isinstance(value, torch.Tensor) else float(value))
-            window[1] += 1
-
-    def _observed(self, kind: str, strategy: str) -> float:
-        """The mean fed since the last round (the window is then emptied), else the last round's value."""
-        total, count = self._window[kind]
-        if count:
-            self._last_observed[kind] = float(total) / count
-            self._window[kind] = [0.0, 0]
-        value = self._last_observed[kind]
-        if value is None:
-            raise RuntimeError(
-                f"strategy={strategy!r} needs each worker's {kind} but none was observed: call "
-                f"engine.observe({kind}=...) every step before the round (Accelerate: dppf.observe({kind}=...) before "
-                "optimizer.step(); DPPFTrainer feeds it itself)."
-            )
-        return value
+            self._observations.add(kind, value)
 
     def average(self) -> DPPFStats:
         """Set every worker to the average (one averaging round, whatever the strategy)."""
@@ -445,25 +257,16 @@ class DPPFConsensus:
         if pending is None:
             return None
         start = time.perf_counter()
-        m, buckets = self.world_size, self.layout.buckets
-        sq_sum, sq_diff, sq_buffers = overlap.measure(buckets, self.comm, m).tolist()  # host read 1
-        if not (math.isfinite(sq_sum) and math.isfinite(sq_buffers)):
+        landed = overlap.land_round(self.layout, self.comm, self.config, pending.push_scale)
+        if landed is None:
             logger.warning(
                 "DPPF: the overlapped round launched after optimizer step %d holds NaN/Inf (a worker's snapshot was "
                 "not finite); it is dropped and a blocking round runs on the current weights.",
                 pending.due - self.config.overlap_steps,
             )
             return self.round(pending.push_scale)
-        rule = STRATEGIES[self.config.strategy]
-        r, average_norm = math.sqrt(sq_diff), math.sqrt(sq_sum) / m
-        lam = self.config.push_strength(average_norm, pending.push_scale) if rule.pushes else 0.0
-        c = rule.coefficient(r, self.config.alpha, lam, self.config.eps)
-        overlap.land(buckets, c)
-        r_dev = torch.tensor(r, dtype=torch.float64, device=self.layout.device())
-        before, after = (rounds.distances(r_dev, c, self.comm) / m).tolist()  # host read 2
         self.last_reseeded = False
-        elapsed = pending.blocked_ms + (time.perf_counter() - start) * 1e3
-        self.stats.record_round(before, after, average_norm, lam, elapsed)
+        self.stats.record_round(*landed, pending.blocked_ms + (time.perf_counter() - start) * 1e3)
         return self.stats
 
     # ------------------------------------------------------------------ consistent weights on demand
@@ -485,7 +288,9 @@ class DPPFConsensus:
             for b in buckets:
                 b.ensure_snapshot()
                 torch._foreach_copy_(b.snapshot_views, b.tensors)
-            self._reduce_healthy(True, "average for evaluation/saving before round")
+            rounds.reduce_healthy(
+                self.layout, self.comm, self.config, self._where("average for evaluation/saving before round"), True
+            )
             rounds.settle(buckets, measure=False)
         try:
             yield
@@ -522,22 +327,11 @@ class DPPFConsensus:
             if health.local_bad(self.layout, self.comm).item():
                 raise RuntimeError("DPPF: the only worker's weights hold NaN/Inf; there is nothing to re-seed from.")
             return False
-        healthy = health.healthy_workers(self.layout, self.comm)
-        if len(healthy) == self.world_size:
+        reseeded = rounds.reseed(self.layout, self.comm, self.config, self._where("check before round"))
+        if reseeded is None:
             return False
-        health.apply_policy(
-            self.config.nonfinite_policy,
-            healthy,
-            self.world_size,
-            self._where("check before round"),
-            self.config.comm_dtype,
-        )
-        mine = self.rank in healthy
-        buckets = self.layout.ensure()
-        rounds.reduce(buckets, self.comm, len(healthy), exact=True, contribute=mine)
-        if not mine:
-            rounds.settle(buckets, measure=False)
-        self.stats.reseeded_workers += self.world_size - len(healthy)
+        count, mine = reseeded
+        self.stats.reseeded_workers += self.world_size - count
         self.last_reseeded = not mine
         return not mine
 
@@ -553,11 +347,11 @@ class DPPFConsensus:
                 f"DPPF: an overlapped round is in flight (it lands after optimizer step {self._in_flight.due}); call "
                 "finish() on every rank before state_dict() so that the saved weights and state agree."
             )
-        return build_state(self.config.to_dict(), self.stats, self._window, self._last_observed, self._centre)
+        return build_state(self.config.to_dict(), self.stats, self._observations, self._centre)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output (states written before `"observed"` and `"centre"` existed load too)."""
-        self.stats, self._window, self._last_observed, self._centre = parse_state(state, self.config.to_dict())
+        self.stats, self._observations, self._centre = parse_state(state, self.config.to_dict())
         for b in self.layout.buckets:  # the centre buffers are made again from the loaded centre at the next round
             b.centre = None
 

@@ -12,13 +12,16 @@ of the weights (kept for the layout's lifetime). Ops per bucket: 3 at launch, 4 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .buckets import Bucket
+from ..config import DPPFConfig
+from ..strategies import STRATEGIES
+from .buckets import Bucket, BucketLayout
 from .collectives import Collectives
-from .rounds import norm, sum_of_squares
+from .rounds import distances, norm, sum_of_squares
 
 
 @dataclass
@@ -63,3 +66,24 @@ def land(buckets: list[Bucket], c: float) -> None:
         weight = 1.0 - c if b.is_param else 1.0
         if weight != 0.0:
             torch._foreach_add_(b.tensors, b.snapshot_views, alpha=-weight)
+
+
+def land_round(
+    layout: BucketLayout, comm: Collectives, config: DPPFConfig, push_scale: float
+) -> tuple[float, float, float, float] | None:
+    """
+    Land the launched round (two host reads): `(distance before, distance after, ||x_A||, lam)`, or `None` without
+    touching the weights when a snapshot held NaN/Inf (the shared sum shows it on every rank).
+    """
+    m, buckets = comm.world_size, layout.buckets
+    sq_sum, sq_diff, sq_buffers = measure(buckets, comm, m).tolist()  # host read 1
+    if not (math.isfinite(sq_sum) and math.isfinite(sq_buffers)):
+        return None
+    rule = STRATEGIES[config.strategy]
+    r, average_norm = math.sqrt(sq_diff), math.sqrt(sq_sum) / m
+    lam = config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
+    c = rule.coefficient(r, config.alpha, lam, config.eps)
+    land(buckets, c)
+    r_dev = torch.tensor(r, dtype=torch.float64, device=layout.device())
+    before, after = (distances(r_dev, c, comm) / m).tolist()  # host read 2
+    return before, after, average_norm, lam

@@ -20,12 +20,31 @@ copy of the model is kept.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from .buckets import Bucket
+from ..config import DPPFConfig
+from ..strategies import Strategy
+from .buckets import Bucket, BucketLayout
 from .collectives import Collectives
+from .health import apply_policy, healthy_workers
 
 F32 = torch.float32
+
+
+@dataclass
+class Outcome:
+    """What a round leaves to be read (once) and recorded."""
+
+    reading: torch.Tensor  # on the device: [sum_i r_i, sum_i |c_i| r_i] (+ ||centre||^2 when not yet known)
+    count: int  # the workers that took part (the healthy ones)
+    mine: bool  # whether this worker took part (else it was re-seeded)
+    lam: float = 0.0
+    average_norm: float | None = None  # known from host read 1, else read with the distances
+    leader: int = -1  # lsgd's leader
 
 
 def norm(t: torch.Tensor) -> torch.Tensor:
@@ -132,3 +151,79 @@ def distances(r: torch.Tensor, c: float, comm: Collectives) -> torch.Tensor:
     dists = torch.stack([r, r * abs(c)]).double()
     comm.all_reduce(dists)
     return dists
+
+
+def squares(norms: list[torch.Tensor], layout: BucketLayout, comm: Collectives) -> torch.Tensor:
+    """`sum n^2` of partial norms, over this worker's shards: a 1-element float64 device tensor, not read."""
+    return comm.over_shards(sum_of_squares(norms, layout.device()).reshape(1))
+
+
+def average_round(
+    layout: BucketLayout,
+    comm: Collectives,
+    config: DPPFConfig,
+    rule: Strategy,
+    where: Callable[[], str],
+    push_scale: float,
+) -> Outcome:
+    """
+    dppf and avg: pull toward (and push from) the plain average. The norms are read once (host read 1): they give
+    `c_i` and reveal a NaN/Inf worker. A round whose `c_i` is 0 for sure (avg; dppf with alpha = 1 and no push)
+    leaves every worker on the exact average.
+    """
+    alpha = config.alpha
+    exact = not rule.pushes or (alpha == 1.0 and config.push_strength(1.0, push_scale) == 0.0)
+    (sq_sum, sq_diff, _), count, mine, exact = reduce_healthy(layout, comm, config, where(), exact)
+    average_norm = math.sqrt(sq_sum) / count
+    lam = config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
+    if exact:  # every worker takes the average, bit for bit the same on every rank
+        r, c = squares(settle(layout.buckets, measure=mine), layout, comm)[0].sqrt(), 0.0
+    else:
+        r_host = math.sqrt(sq_diff) / count
+        c = rule.coefficient(r_host, alpha, lam, config.eps)
+        for b in layout.buckets:
+            if b.is_param:
+                write_difference(b, count, (1.0 - c) / count)
+            else:
+                torch._foreach_copy_(b.tensors, b.views)
+        r = torch.tensor(r_host, dtype=torch.float64, device=layout.device())
+    return Outcome(distances(r, c, comm), count, mine, lam, average_norm)
+
+
+def reduce_healthy(
+    layout: BucketLayout, comm: Collectives, config: DPPFConfig, where: str, exact: bool
+) -> tuple[list[float], int, bool, bool]:
+    """
+    `rounds.reduce` that never averages a NaN in: when the shared sum is not finite, find the bad workers (one
+    small all-reduce), apply the policy, and reduce again over the healthy ones, the bad ones sending zeros and
+    taking the average. Returns the squares (host read 1), the number of healthy workers, whether this one is, and
+    whether its buckets hold the exact average.
+    """
+    buckets = layout.ensure()
+    squares = reduce(buckets, comm, comm.world_size, exact=exact).tolist()
+    if math.isfinite(squares[0]) and math.isfinite(squares[2]):
+        return squares, comm.world_size, True, exact
+    healthy = healthy_workers(layout, comm)
+    apply_policy(config.nonfinite_policy, healthy, comm.world_size, where, config.comm_dtype)
+    mine = comm.rank in healthy
+    exact = exact or not mine
+    squares = reduce(buckets, comm, len(healthy), exact=exact, contribute=mine).tolist()
+    return squares, len(healthy), mine, exact
+
+
+def reseed(layout: BucketLayout, comm: Collectives, config: DPPFConfig, where: str) -> tuple[int, bool] | None:
+    """
+    Give the workers with NaN/Inf weights the healthy workers' average (`DPPFConsensus.ensure_finite`): one
+    all-reduce of M flags and one host read, and only if a worker is bad one reduction. Returns `None` when all are
+    finite, else the number of healthy workers and whether this one is.
+    """
+    healthy = healthy_workers(layout, comm)
+    if len(healthy) == comm.world_size:
+        return None
+    apply_policy(config.nonfinite_policy, healthy, comm.world_size, where, config.comm_dtype)
+    mine = comm.rank in healthy
+    buckets = layout.ensure()
+    reduce(buckets, comm, len(healthy), exact=True, contribute=mine)
+    if not mine:
+        settle(buckets, measure=False)
+    return len(healthy), mine

@@ -73,30 +73,62 @@ class DPPFStats:
         self.last_round_ms, self.total_round_ms = elapsed_ms, self.total_round_ms + elapsed_ms
 
 
+class Observations:
+    """
+    What each worker feeds between rounds for lsgd (`loss`) and grawa (`grad_norm`): a running sum per kind, kept
+    on the device when tensors are fed (no sync per step), and the mean of the last round.
+    """
+
+    def __init__(self) -> None:
+        self.window: dict[str, list] = {kind: [0.0, 0] for kind in OBSERVABLES}
+        self.last: dict[str, float | torch.Tensor | None] = dict.fromkeys(OBSERVABLES)
+
+    def add(self, kind: str, value: float | torch.Tensor) -> None:
+        window = self.window[kind]
+        window[0] = window[0] + (value.detach().double() if isinstance(value, torch.Tensor) else float(value))
+        window[1] += 1
+
+    def mean(self, kind: str, strategy: str) -> float | torch.Tensor:
+        """The mean fed since the last round (the window is then emptied), else the last round's; not read."""
+        total, count = self.window[kind]
+        if count:
+            self.last[kind] = total / count
+            self.window[kind] = [0.0, 0]
+        if self.last[kind] is None:
+            raise RuntimeError(
+                f"strategy={strategy!r} needs each worker's {kind} but none was observed: call "
+                f"engine.observe({kind}=...) every step before the round (Accelerate: dppf.observe({kind}=...) before "
+                "optimizer.step(); DPPFTrainer feeds it itself)."
+            )
+        return self.last[kind]
+
+    def state(self) -> dict[str, dict]:
+        """JSON-able (the host reads happen here, at checkpoint time, not per round)."""
+        last = {k: None if v is None else float(v) for k, v in self.last.items()}
+        return {kind: {"sum": float(t), "count": n, "last": last[kind]} for kind, (t, n) in self.window.items()}
+
+    def load(self, state: dict[str, dict]) -> None:
+        for kind in OBSERVABLES:
+            entry = state.get(kind, {"sum": 0.0, "count": 0, "last": None})
+            self.window[kind], self.last[kind] = [entry["sum"], entry["count"]], entry["last"]
+
+
 def build_state(
-    config: dict[str, Any],
-    stats: DPPFStats,
-    window: dict[str, list],
-    last_observed: dict[str, float | None],
-    centre: dict[str, torch.Tensor],
+    config: dict[str, Any], stats: DPPFStats, observations: Observations, centre: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
     """The engine's state dict (see `DPPFConsensus.state_dict`)."""
-    observed = {
-        kind: {"sum": float(total), "count": count, "last": last_observed[kind]}
-        for kind, (total, count) in window.items()
-    }
     return {
         "format": STATE_FORMAT,
         "config": config,
         "stats": asdict(stats),
-        "observed": observed,
+        "observed": observations.state(),
         "centre": {k: v.detach().clone() for k, v in centre.items()},
     }
 
 
-def parse_state(state: dict[str, Any], config_now: dict[str, Any]) -> tuple[DPPFStats, dict, dict, dict]:
+def parse_state(state: dict[str, Any], config_now: dict[str, Any]) -> tuple[DPPFStats, Observations, dict]:
     """
-    Check and unpack a state dict: `(stats, window, last_observed, centre)`. States written before `"observed"` and
+    Check and unpack a state dict: `(stats, observations, centre)`. States written before `"observed"` and
     `"centre"` existed load too; a changed config is logged, not refused (a resumed run may change, e.g., `tau`).
     """
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "stats" not in state:
@@ -104,9 +136,7 @@ def parse_state(state: dict[str, Any], config_now: dict[str, Any]) -> tuple[DPPF
     changed = {k: (v, config_now.get(k)) for k, v in state.get("config", {}).items() if config_now.get(k) != v}
     if changed:
         logger.warning("DPPF: resuming with a changed config (saved -> now): %s", changed)
-    window, last = {}, {}
-    for kind in OBSERVABLES:
-        entry = state.get("observed", {}).get(kind, {"sum": 0.0, "count": 0, "last": None})
-        window[kind], last[kind] = [entry["sum"], entry["count"]], entry["last"]
+    observations = Observations()
+    observations.load(state.get("observed", {}))
     centre = {k: v.detach().clone() for k, v in state.get("centre", {}).items()}
-    return DPPFStats(**state["stats"]), window, last, centre
+    return DPPFStats(**state["stats"]), observations, centre
