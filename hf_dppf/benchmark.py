@@ -1,39 +1,49 @@
 """
-`hf-dppf bench`: how long one DPPF consensus round takes next to the communication it cannot avoid.
+`hf-dppf bench`: how long one DPPF consensus round takes next to what it cannot avoid, how many tensor ops it
+dispatches and how often it reads the host.
 
-On a randomly initialised model built from a config (no download; BERT-base by default), every rank times, in
-interleaved order so that machine noise hits all methods alike:
+On a randomly initialised model built from a config (no download; BERT-base by default), in interleaved order so
+that machine noise hits all methods alike, with `--collectives`:
 
-- `flat all-reduce`: one `all_reduce` of a single contiguous fp32 tensor as large as all the parameters (the floor);
-- `DPPFConsensus.round()`: the engine's full round (copy-in, bucketed all-reduce, norms, pull-push write-back);
-  with `--strategies`, one row per strategy (`DPPFConsensus.round() [easgd]`, ...), each fed a loss and a gradient
-  norm per round as the integrations do;
-- `copy + bucketed all-reduce`: the part of the round that any method keeping each worker's own weights pays;
-- `accelerate LocalSGD`: accelerate's `LocalSGD` parameter averaging (one all-reduce per tensor).
+- `gloo` (default): `--nproc` processes; the floor is one `all_reduce` of a single contiguous fp32 tensor as large as
+  all the parameters. Rows: each strategy's `DPPFConsensus.round()`, `copy + bucketed all-reduce` (what any method
+  keeping each worker's own weights pays) and accelerate's `LocalSGD` parameter averaging (one all-reduce per tensor).
+- `fake`: one process of a "fake" group of `--nproc` ranks whose collectives return at once, so only the engine's
+  own work is timed (on a GPU: its kernels and their launches). The floor is 5 passes over the weights at the
+  copy bandwidth measured in the same run (a copy is 2 passes).
 
-Run it directly (it spawns `--nproc` gloo processes on this machine) or under `torchrun` / `accelerate launch`.
+Every round row also gives the ops dispatched (counted with a `TorchDispatchMode`, collectives included), the host
+reads (`.item()`, `.tolist()`) and the extra memory (communication buffers, snapshots, scratch and centre buffers as
+a multiple of the parameter bytes). `--overlapped` adds an overlapped dppf round (launch + finish).
+
+Run it directly (gloo spawns `--nproc` processes on this machine) or under `torchrun` / `accelerate launch`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cli_types import POSITIVE_INT, config_field
+from .config import DPPFConfig
 from .engine import DPPFConsensus, rounds
 from .strategies import STRATEGIES
 
-SCHEMA = "hf_dppf.bench/1"
+SCHEMA = "hf_dppf.bench/2"
 FLOOR = "flat all-reduce (floor)"
+MEMORY_FLOOR = "5 passes over the weights (floor)"
+OVERLAPPED = "overlapped dppf (launch + finish)"
 
 MODELS = {
     "bert-base": dict(),
@@ -50,10 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model size, built from its config (default: %(default)s)",
     )
     parser.add_argument(
+        "--collectives",
+        choices=["gloo", "fake"],
+        default="gloo",
+        help="gloo: real all-reduces between --nproc processes; fake: one process, collectives that return at once "
+        "(the engine's own cost; the floor is then the memory floor) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model and buffers live: cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    parser.add_argument(
         "--nproc",
         type=POSITIVE_INT,
         default=2,
-        help="processes to spawn when not launched by torchrun (default: %(default)s)",
+        help="processes (gloo) or ranks of the fake group (fake) (default: %(default)s)",
     )
     parser.add_argument(
         "--repeats",
@@ -80,49 +102,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(STRATEGIES),
         help="strategies whose round is timed, one row each (default: %(default)s)",
     )
-    parser.add_argument("--skip_localsgd", action="store_true", help="do not time accelerate's LocalSGD")
+    parser.add_argument(
+        "--overlapped", action="store_true", help="also time an overlapped dppf round (launch + finish)"
+    )
+    parser.add_argument("--skip_localsgd", action="store_true", help="do not time accelerate's LocalSGD (gloo only)")
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
     parser.add_argument(
         "--output_json",
         default=None,
-        help=f"also write the measurements to this JSON file (schema {SCHEMA!r}: the settings, and each method's "
-        "median and min ms and its ratio to the flat all-reduce)",
+        help=f"also write the measurements to this JSON file (schema {SCHEMA!r}: the settings, `floor_ms`, each "
+        "method's median and min ms and its ratio to the floor, and per round `ops`, `host_reads`, `extra_memory`)",
     )
 
 
 def bench_argv(args: argparse.Namespace) -> list[str]:
     """The `hf-dppf bench` flags that reproduce `args`' measurement settings (not `--nproc` or the outputs)."""
     argv = ["--model", args.model, "--repeats", str(args.repeats), "--bucket_mb", str(args.bucket_mb)]
+    argv += ["--collectives", args.collectives, "--device", args.device]
     argv += ["--comm_dtype", args.comm_dtype, "--strategies", *args.strategies]
-    return argv + (["--skip_localsgd"] if args.skip_localsgd else [])
+    return argv + (["--skip_localsgd"] if args.skip_localsgd else []) + (["--overlapped"] if args.overlapped else [])
 
 
-def _time(fn: Callable[[], object]) -> float:
+class _OpCounter(TorchDispatchMode):
+    """Every op dispatched inside the block, and the host reads among them (`_local_scalar_dense`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_ops() -> Iterator[_OpCounter]:
+    """Count dispatched ops and host reads (`_local_scalar_dense` and `Tensor.tolist`) inside the block."""
+    counter, tolist = _OpCounter(), torch.Tensor.tolist
+
+    def counted_tolist(self: torch.Tensor, *args, **kwargs):
+        counter.reads += 1
+        return tolist(self, *args, **kwargs)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with counter:
+            yield counter
+    finally:
+        torch.Tensor.tolist = tolist
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
     dist.barrier()
     start = time.perf_counter()
     fn()
+    _sync(device)
     dist.barrier()
     return (time.perf_counter() - start) * 1e3
+
+
+def extra_memory(engine: DPPFConsensus) -> float:
+    """The engine's buffers (wire, snapshots, scratch, centres) as a multiple of the parameter and buffer bytes."""
+    buckets = engine.layout.ensure()
+    weights = sum(t.numel() * t.element_size() for b in buckets for t in b.tensors)
+    held = {}
+    for b in buckets:
+        for buf in (b.comm, b.snapshot, b.scratch, b.centre):
+            if buf is not None:
+                held[buf.untyped_storage().data_ptr()] = buf.untyped_storage().nbytes()
+    return sum(held.values()) / max(weights, 1)
+
+
+def _device(spec: str) -> torch.device:
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _bench(args: argparse.Namespace) -> dict | None:
     from transformers import BertConfig, BertModel
 
-    from .config import DPPFConfig
-
     torch.set_num_threads(1)
+    device = _device(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(rank)
-    model = BertModel(BertConfig(**MODELS[args.model])).requires_grad_(True)
+    model = BertModel(BertConfig(**MODELS[args.model])).requires_grad_(True).to(device)
     numel = sum(p.numel() for p in model.parameters())
-    flat = torch.randn(numel)
+    flat = torch.randn(numel, device=device)
+    common = dict(bucket_mb=args.bucket_mb, comm_dtype=args.comm_dtype)
     engines = {
-        name: DPPFConsensus(model, DPPFConfig(strategy=name, bucket_mb=args.bucket_mb, comm_dtype=args.comm_dtype))
-        for name in dict.fromkeys(args.strategies)
+        name: DPPFConsensus(model, DPPFConfig(strategy=name, **common)) for name in dict.fromkeys(args.strategies)
     }
-    engine = engines.get("dppf") or DPPFConsensus(
-        model, DPPFConfig(bucket_mb=args.bucket_mb, comm_dtype=args.comm_dtype)
-    )
 
     def fed_round(e: DPPFConsensus) -> Callable[[], object]:
         def run() -> object:
@@ -131,47 +211,94 @@ def _bench(args: argparse.Namespace) -> dict | None:
 
         return run
 
-    methods: dict[str, Callable[[], object]] = {FLOOR: lambda: dist.all_reduce(flat)}
-    for name, e in engines.items():
-        methods["DPPFConsensus.round()" + ("" if name == "dppf" else f" [{name}]")] = fed_round(e)
-    # what any round that keeps each worker's own weights must pay: copy in, bucketed all-reduce, divide
-    methods["copy + bucketed all-reduce (no pull-push)"] = lambda: _copy_and_reduce(engine)
-    if not args.skip_localsgd:
-        from accelerate import Accelerator
-        from accelerate.local_sgd import LocalSGD
+    rows: dict[str, tuple[DPPFConsensus, Callable[[], object]]] = {
+        name: (e, fed_round(e)) for name, e in engines.items()
+    }
+    if args.overlapped:
+        e = DPPFConsensus(model, DPPFConfig(tau=2, overlap_steps=1, **common))
+        rows[OVERLAPPED] = (e, lambda e=e: (e.launch(), e.finish()))
+    methods: dict[str, Callable[[], object]] = {}
+    if args.collectives == "fake":
+        target = torch.empty_like(flat)
+        floor_name = MEMORY_FLOOR
+        copy_ms: list[float] = []
+        methods["flat copy of the weights"] = lambda: target.copy_(flat)
+    else:
+        floor_name = FLOOR
+        methods[FLOOR] = lambda: dist.all_reduce(flat)
+    for name, (_, fn) in rows.items():
+        methods[_row_name(name)] = fn
+    if args.collectives == "gloo":
+        engine = next(iter(engines.values()))
+        methods["copy + bucketed all-reduce (no pull-push)"] = lambda: _copy_and_reduce(engine)
+        if not args.skip_localsgd:
+            from accelerate import Accelerator
+            from accelerate.local_sgd import LocalSGD
 
-        accelerator = Accelerator(cpu=True)
-        # its own copy: LocalSGD re-points `param.data` to new tensors at every call
-        twin = BertModel(BertConfig(**MODELS[args.model]))
-        local_sgd = LocalSGD(accelerator, twin, local_sgd_steps=1, enabled=True)
-        methods["accelerate LocalSGD averaging"] = local_sgd._sync_and_avg_model_params
+            accelerator = Accelerator(cpu=device.type == "cpu")
+            # its own copy: LocalSGD re-points `param.data` to new tensors at every call
+            twin = BertModel(BertConfig(**MODELS[args.model])).to(device)
+            local_sgd = LocalSGD(accelerator, twin, local_sgd_steps=1, enabled=True)
+            methods["accelerate LocalSGD averaging"] = local_sgd._sync_and_avg_model_params
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for fn in methods.values():  # warm-up: allocations, gloo connections
-        _time(fn)
+    for fn in methods.values():  # warm-up: allocations, connections, layouts
+        _time(fn, device)
     for i in range(args.repeats):
         for name, fn in methods.items():
-            times[name].append(_time(fn))
+            times[name].append(_time(fn, device))
         if rank == 0:
             print(
-                f"[bench] repeat {i + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.0f} ms" for n, t in times.items())
+                f"[bench] repeat {i + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.1f} ms" for n, t in times.items())
             )
+    counts = {}
+    for name, (e, fn) in rows.items():
+        with count_ops() as c:
+            fn()
+        _sync(device)
+        counts[name] = {"ops": c.ops, "host_reads": c.reads, "extra_memory": extra_memory(e)}
     if rank != 0:
         return None
-    floor = statistics.median(times[FLOOR])
+    if args.collectives == "fake":  # a copy reads and writes the weights once: 2 passes
+        copy_ms = times.pop("flat copy of the weights")
+        times = {floor_name: [2.5 * t for t in copy_ms], **times}
+    floor = statistics.median(times[floor_name])
+    methods_out = {
+        name: {"median_ms": statistics.median(t), "min_ms": min(t), "ratio": statistics.median(t) / floor}
+        for name, t in times.items()
+    }
+    rounds_out = {
+        name: {
+            "median_ms": methods_out[_row_name(name)]["median_ms"],
+            "floor_multiple": methods_out[_row_name(name)]["ratio"],
+            "buckets": len(e.layout.buckets),
+            **counts[name],
+        }
+        for name, (e, _) in rows.items()
+    }
     return {
         "schema": SCHEMA,
         "model": args.model,
         "parameters": numel,
         "mib": numel * 4 / 2**20,
         "processes": world,
+        "collectives": args.collectives,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
         "repeats": args.repeats,
         "comm_dtype": args.comm_dtype,
         "bucket_mb": args.bucket_mb,
-        "methods": {
-            name: {"median_ms": statistics.median(t), "min_ms": min(t), "ratio": statistics.median(t) / floor}
-            for name, t in times.items()
-        },
+        "floor": floor_name,
+        "floor_ms": floor,
+        "methods": methods_out,
+        "rounds": rounds_out,
     }
+
+
+def _row_name(name: str) -> str:
+    if name == OVERLAPPED:
+        return name
+    return "DPPFConsensus.round()" + ("" if name == "dppf" else f" [{name}]")
 
 
 def _copy_and_reduce(engine: DPPFConsensus) -> None:
@@ -184,18 +311,31 @@ def _copy_and_reduce(engine: DPPFConsensus) -> None:
 
 def settings_line(result: dict) -> str:
     """One line naming the model, its size and the settings of a `_bench` result."""
+    if result.get("collectives") == "fake":
+        where = f"one process of a fake group of {result['processes']} (collectives taken out)"
+    else:
+        where = f"{result['processes']} gloo processes"
+    device = result.get("device_name", "cpu")
     return (
-        f"{result['model']}: {result['parameters'] / 1e6:.1f}M parameters, {result['mib']:.0f} MiB fp32; "
-        f"{result['processes']} gloo processes, {result['repeats']} repeats, comm_dtype={result['comm_dtype']}, "
+        f"{result['model']}: {result['parameters'] / 1e6:.1f}M parameters, {result['mib']:.0f} MiB fp32; {where} on "
+        f"{device}, torch {result.get('torch', '?')}, {result['repeats']} repeats, comm_dtype={result['comm_dtype']}, "
         f"bucket_mb={result['bucket_mb']}"
     )
 
 
 def table(result: dict) -> str:
-    """The markdown table of a `_bench` result."""
-    lines = [settings_line(result), "", "| method | median ms | min ms | x flat all-reduce |", "|---|---:|---:|---:|"]
+    """The markdown table of a `_bench` result: times, ratios to the floor, and per round ops, reads and memory."""
+    counted = {_row_name(name): r for name, r in result.get("rounds", {}).items()}
+    lines = [
+        settings_line(result),
+        "",
+        "| method | median ms | min ms | x floor | ops | host reads | extra memory |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in result["methods"].items():
-        lines.append(f"| {name} | {m['median_ms']:.0f} | {m['min_ms']:.0f} | {m['ratio']:.2f}x |")
+        c = counted.get(name)
+        tail = f"{c['ops']} | {c['host_reads']} | {c['extra_memory']:.2f}x" if c else " |  | "
+        lines.append(f"| {name} | {m['median_ms']:.2f} | {m['min_ms']:.2f} | {m['ratio']:.2f}x | {tail} |")
     return "\n".join(lines)
 
 
@@ -207,7 +347,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
 def _run_rank(args: argparse.Namespace) -> None:
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if args.collectives == "fake":
+            from torch.testing._internal.distributed.fake_pg import FakeStore
+
+            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.nproc)
+        else:
+            dist.init_process_group("gloo")
     try:
         result = _bench(args)
         if result is not None:
@@ -226,7 +371,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 2:
         print(f"--nproc={args.nproc} is invalid: a consensus round needs at least 2 processes.", file=sys.stderr)
         return 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device={args.device} is invalid: no CUDA device is available here (use cpu).", file=sys.stderr)
+        return 2
+    if args.collectives == "fake" or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # fake, or torchrun / accelerate
         _run_rank(args)
         return 0
     import socket

@@ -18,8 +18,21 @@ from .config import DPPFConfig
 from .strategies import STRATEGIES, grawa_weight, leader_rank
 
 
-def _average(workers: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    return [torch.stack([w[j].double() for w in workers]).mean(0) for j in range(len(workers[0]))]
+def _average(workers: Sequence[Sequence[torch.Tensor]], wire: torch.dtype | None = None) -> list[torch.Tensor]:
+    """
+    The workers' average in float64. With a half-precision `wire` dtype, as the engine forms it there: each worker's
+    tensors rounded to the wire dtype, summed in the wire dtype in rank order (a two-worker all-reduce sums exactly
+    so), then divided by M in float64.
+    """
+    if wire is None or wire in (torch.float32, torch.float64):
+        return [torch.stack([w[j].double() for w in workers]).mean(0) for j in range(len(workers[0]))]
+    out = []
+    for j in range(len(workers[0])):
+        total = workers[0][j].to(wire)
+        for w in workers[1:]:
+            total = total + w[j].to(wire)
+        out.append(total.double() / len(workers))
+    return out
 
 
 def _check(workers: Sequence[Sequence[torch.Tensor]]) -> None:
@@ -62,6 +75,7 @@ def simulate_round(
     losses: Sequence[float] | None = None,
     grad_norms: Sequence[float] | None = None,
     centre: Sequence[torch.Tensor] | None = None,
+    wire_dtype: torch.dtype | None = None,
 ) -> list[list[torch.Tensor]]:
     """
     Apply one consensus round to M workers held in memory, with no communication.
@@ -75,6 +89,8 @@ def simulate_round(
         grad_norms (`Sequence[float]`, *optional*): every worker's gradient norm (`strategy="grawa"`).
         centre (`Sequence[torch.Tensor]`, *optional*):
             easgd's centre variable before the round; `None` on the first round (it starts at the average).
+        wire_dtype (`torch.dtype`, *optional*): the engine's wire dtype (`DPPFConfig.comm_dtype`) when it is bf16 or
+            fp16: the average is then rounded as on that wire (exact for two workers; `dppf` and `avg`).
 
     Returns:
         `list[list[torch.Tensor]]`: the workers after the round (new tensors; the inputs are not modified). Use
@@ -87,7 +103,9 @@ def simulate_round(
         [[tensor([0.5000])], [tensor([3.5000])]]
         ```
     """
-    return simulate_consensus(workers, config, push_scale, losses=losses, grad_norms=grad_norms, centre=centre).workers
+    return simulate_consensus(
+        workers, config, push_scale, losses=losses, grad_norms=grad_norms, centre=centre, wire_dtype=wire_dtype
+    ).workers
 
 
 def simulate_consensus(
@@ -98,11 +116,12 @@ def simulate_consensus(
     losses: Sequence[float] | None = None,
     grad_norms: Sequence[float] | None = None,
     centre: Sequence[torch.Tensor] | None = None,
+    wire_dtype: torch.dtype | None = None,
 ) -> SimulatedRound:
     """`simulate_round` that also returns easgd's centre after the round and lsgd's leader (`SimulatedRound`)."""
     _check(workers)
     strategy = STRATEGIES[config.strategy]
-    avg = _average(workers)
+    avg = _average(workers, wire_dtype)
     m, alpha = len(workers), config.alpha
     for name, given in (("loss", losses), ("grad_norm", grad_norms)):
         if name in strategy.needs and (given is None or len(given) != m):
@@ -153,6 +172,7 @@ def simulate_delayed_round(
     currents: Sequence[Sequence[torch.Tensor]],
     config: DPPFConfig,
     push_scale: float = 1.0,
+    wire_dtype: torch.dtype | None = None,
 ) -> list[list[torch.Tensor]]:
     """
     An overlapped round (`config.overlap_steps > 0`): the round is computed from the weights the workers had at its
@@ -164,6 +184,7 @@ def simulate_delayed_round(
         currents (`Sequence[Sequence[torch.Tensor]]`): every worker's tensors when it lands (same shapes).
         config (`DPPFConfig`): the rule (`dppf` or `avg`: the strategies with an overlapped form).
         push_scale (`float`, defaults to 1.0): the push's schedule factor at launch.
+        wire_dtype (`torch.dtype`, *optional*): a half-precision wire's dtype (see `simulate_round`).
 
     Returns:
         `list[list[torch.Tensor]]`: the workers after the round lands, in their own dtypes.
@@ -181,7 +202,7 @@ def simulate_delayed_round(
         raise ValueError(f"got {len(snapshots)} snapshots but {len(currents)} current workers.")
     if STRATEGIES[config.strategy].centre != "average":
         raise ValueError(f"strategy={config.strategy!r} has no overlapped form (only 'dppf' and 'avg').")
-    rounded = simulate_round(snapshots, config, push_scale)
+    rounded = simulate_round(snapshots, config, push_scale, wire_dtype=wire_dtype)
     return [
         [(c.double() + (r.double() - s.double())).to(c.dtype) for c, r, s in zip(cur, rnd, snap)]
         for cur, rnd, snap in zip(currents, rounded, snapshots)

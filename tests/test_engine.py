@@ -193,20 +193,58 @@ def test_world_size_without_process_group_is_an_error(monkeypatch: pytest.Monkey
         DPPFConsensus(torch.nn.Linear(2, 2), DPPFConfig())
 
 
-def _half_precision_wire(rank: int, world_size: int) -> tuple[float, int, int]:
+def _half_precision_wire(rank: int, world_size: int, comm_dtype: str) -> dict:
     model = OddModel()
     model.randomise(seed=7 + rank)
-    config = DPPFConfig(alpha=0.5, lam=0.3, comm_dtype="bf16")
-    expected = simulate_round(gather_workers(trainable(model), world_size), config)[rank]
+    wire = {"bf16": torch.bfloat16, "fp16": torch.float16}[comm_dtype]
+    # alpha != 0.5 and a push far above the wire's rounding (r is about 390 here: 0.13 per unit of d_i)
+    config = DPPFConfig(alpha=0.3, lam=50.0, comm_dtype=comm_dtype, lam_schedule="constant")
+    workers = gather_workers(trainable(model), world_size)
     stats = DPPFConsensus(model, config).round()
-    worst = max((g - e).abs().max().item() for g, e in zip(trainable(model), expected))
+    got = trainable(model)
+
+    def error(cfg: DPPFConfig, wire_dtype: torch.dtype | None = wire) -> float:
+        expected = simulate_round(workers, cfg, wire_dtype=wire_dtype)[rank]
+        return max((g - e).abs().max().item() for g, e in zip(got, expected))
+
     floats = sum(p.numel() for p in model.parameters() if p.requires_grad) + 2 * 9
-    return worst, stats.bytes_communicated, floats
+    return {
+        "error": error(config),
+        "unrounded_oracle": error(config, None),
+        "no_push": error(DPPFConfig(alpha=0.3, lam=0.0, comm_dtype=comm_dtype)),
+        "swapped_alpha": error(DPPFConfig(alpha=0.7, lam=50.0, comm_dtype=comm_dtype)),
+        "sent": stats.bytes_communicated,
+        "floats": floats,
+    }
 
 
-def test_bf16_wire_halves_the_bytes_within_bf16_precision() -> None:
-    for worst, sent, floats in run_distributed(_half_precision_wire, 2):
-        # bf16 on the wire: 2 bytes per element (+ the fp64 statistics and the start-up fingerprint)
-        assert sent == 2 * floats + 16 + FINGERPRINT_BYTES
-        # the average of N(0, 1) weights carried in bf16 (8 significant bits): error well under 2^-7 * max |x|
-        assert 0 < worst < 0.02, worst
+@pytest.mark.parametrize("comm_dtype", ["bf16", "fp16"])
+def test_half_precision_wire_matches_the_oracle_with_the_same_rounding(comm_dtype: str) -> None:
+    for r in run_distributed(_half_precision_wire, 2, comm_dtype):
+        # 2 bytes per element on the wire (+ the fp64 statistics and the start-up fingerprint)
+        assert r["sent"] == 2 * r["floats"] + 16 + FINGERPRINT_BYTES
+        # the oracle rounding the average as the wire does: float32 arithmetic apart, the same round
+        assert r["error"] <= 1e-5, r
+        assert r["unrounded_oracle"] > 10 * r["error"], "the wire's rounding is visible (else this test proves little)"
+        # a missing push or a swapped alpha would be caught by far
+        assert r["no_push"] > 0.05 and r["swapped_alpha"] > 0.05, r
+
+
+def _fp16_overflow(rank: int, world_size: int) -> dict:
+    model = OddModel()
+    model.randomise(seed=rank)
+    with torch.no_grad():
+        model.big[0, 0] = 70000.0  # finite in fp32, beyond fp16's 65504: inf on an fp16 wire
+    own = [t.clone() for t in trainable(model)]
+    engine = DPPFConsensus(model, DPPFConfig(comm_dtype="fp16"))
+    try:
+        engine.round()
+    except RuntimeError as err:
+        return {"message": str(err), "untouched": all(torch.equal(a, b) for a, b in zip(own, trainable(model)))}
+    return {"message": None}
+
+
+def test_fp16_wire_overflow_stops_every_rank_naming_the_wire() -> None:
+    for r in run_distributed(_fp16_overflow, 2):
+        assert r["message"] is not None and "overflow on the wire" in r["message"], r
+        assert "comm_dtype='fp16'" in r["message"] and r["untouched"]
