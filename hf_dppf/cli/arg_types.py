@@ -47,7 +47,7 @@ def number(kind: type, *, above: float | None = None, at_least: float | None = N
 
 def config_field(name: str) -> Callable[[str], float]:
     """An argparse `type=` for a numeric `DPPFConfig` field, validated by the config itself (one source of truth)."""
-    from .config import DPPFConfig
+    from ..config import DPPFConfig
 
     def parse(text: str) -> float:
         try:
