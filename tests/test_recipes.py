@@ -41,7 +41,7 @@ def load_recipe(name: str) -> ModuleType:
 
 
 def torchrun(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a recipe on 2 CPU processes with torchrun, as the README does (offline)."""
+    """Run a recipe on 2 CPU processes with torchrun, as docs/recipes.md does (offline)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command += [str(free_port()), str(REPO / "recipes" / script), *args]
     done = subprocess.run(command, capture_output=True, text=True, env=launcher_env(), timeout=timeout, cwd=REPO)
