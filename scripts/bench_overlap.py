@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from hf_dppf import DPPFConfig, DPPFConsensus
-from hf_dppf.data import load_bbc_news
+from hf_dppf.recipes.data import load_bbc_news
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ worker). Every method runs with the recipe's defaults plus the flags after `--` 
 learning rate are the same for all) and its own flags from `method_flags` (overridable with `--method_flags`).
 
 Every run is `torchrun --nproc_per_node <nproc> scripts/count_ddp_bytes.py recipes/<recipe>.py --seed <s>
---output_dir <dir> ...` and writes `results.json` (schema `hf_dppf.results/1`, see `hf_dppf.recipe_utils`). The
+--output_dir <dir> ...` and writes `results.json` (schema `hf_dppf.results/1`, see `hf_dppf.recipes.common`). The
 bytes of a run are what each worker handed to collectives while training: the DDP gradient buckets (counted by a
 communication hook, `count_ddp_bytes.py`) plus the consensus rounds (the engine's `total_bytes_per_worker`, the final
 averaging round included). The inverse mean valley (IMV) of each final model is measured by `hf-dppf sharpness`.

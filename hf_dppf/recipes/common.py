@@ -49,8 +49,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainerCallback
 
-from .engine import DPPFStats
-from .trainer import DPPFTrainer
+from ..engine import DPPFStats
+from ..integrations.trainer import DPPFTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ class ClassificationDataArguments(HubDataArguments):
         metadata={
             "help": "The `evaluate` metric of the evaluation set, computed from the predicted labels (argmax of the "
             "logits) and the true ones: a local metric script or folder, or (online) a Hub metric such as f1 or "
-            "matthews_correlation. Default: the accuracy script that ships with hf_dppf (hf_dppf/metrics/"
-            "accuracy.py), which needs no network."
+            "matthews_correlation. Default: the accuracy script that ships with hf_dppf "
+            "(hf_dppf/recipes/metrics/accuracy.py), which needs no network."
         },
     )
     metric_kwargs: str = dataclasses.field(

@@ -10,8 +10,8 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .config import COMM_DTYPES, LAM_SCHEDULES, NONFINITE_POLICIES, DPPFConfig
-from .strategies import STRATEGIES
+from ..config import COMM_DTYPES, LAM_SCHEDULES, NONFINITE_POLICIES, DPPFConfig
+from ..strategies import STRATEGIES
 
 # `DPPFConfig` field -> `DPPFArguments` field (and command-line flag). `lam` is a Python keyword elsewhere.
 _FLAG_NAMES = {"lam": "dppf_lambda"}

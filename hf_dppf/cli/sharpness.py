@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .cli_types import POSITIVE_FLOAT, POSITIVE_INT, number
-from .data import load_bbc_news, load_digits_images, load_mnist_sample
+from ..recipes.data import load_bbc_news, load_digits_images, load_mnist_sample
+from .arg_types import POSITIVE_FLOAT, POSITIVE_INT, number
 
 TASKS = ("auto", "sequence-classification", "causal-lm", "image-classification")
 BUILTIN_DATASETS = ("bbcnews", "digits", "mnist")  # the offline data of the text and image recipes
@@ -320,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _reference_rows(args: argparse.Namespace, model: torch.nn.Module, batches: list[dict]) -> list[tuple[str, float]]:
-    from . import sharpness_reference as ref
+    from ..sharpness import reference as ref
 
     n = args.reference_iterations
     measures = {
@@ -340,7 +340,7 @@ def _reference_rows(args: argparse.Namespace, model: torch.nn.Module, batches: l
 
 
 def run(args: argparse.Namespace) -> int:
-    from .sharpness import mean_valley
+    from ..sharpness import mean_valley
 
     started = init_distributed_from_env()
     printer = is_main_process()

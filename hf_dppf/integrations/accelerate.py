@@ -1,4 +1,9 @@
-"""`DPPF`: the context manager that turns a plain Accelerate loop into DPPF training."""
+"""
+`DPPF`: the context manager that turns a plain Accelerate loop into DPPF training.
+
+The block silences DDP, counts optimizer steps by a hook on the optimizer, runs the engine's round when one is due and
+leaves every worker holding the average on exit. The per-step helpers it shares with `DPPFTrainer` are in `common.py`.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +13,12 @@ from typing import Any
 
 import torch
 
-from .config import DPPFConfig
-from .engine import DPPFConsensus, DPPFStats
-from .strategies import STRATEGIES
+from ..config import DPPFConfig
+from ..engine import DPPFConsensus, DPPFStats
+from ..strategies import STRATEGIES
+from .common import after_round, initial_lr, inner_optimizer, lr_push_scale, restore_ddp, silence_ddp
 
 logger = logging.getLogger(__name__)
-
-
-def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind Accelerate's `AcceleratedOptimizer` (or the optimizer itself)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch optimizer or an AcceleratedOptimizer, got {type(optimizer)}.")
-    return inner
-
-
-def initial_lr(optimizer: torch.optim.Optimizer) -> float:
-    """`lr_0` of the first parameter group: the scheduler's `initial_lr` when there is one, else the current lr."""
-    group = optimizer.param_groups[0]
-    return float(group.get("initial_lr", group["lr"]))
-
-
-def lr_push_scale(config: DPPFConfig, optimizer: torch.optim.Optimizer, lr0: float) -> float:
-    """
-    The `push_scale` of a round: `lr_t / lr_0` of the first parameter group under `lam_schedule="lr"` (1.0 when
-    `lr_0` is 0), 1.0 under `"constant"`.
-    """
-    if config.lam_schedule != "lr" or not lr0:
-        return 1.0
-    return float(optimizer.param_groups[0]["lr"]) / lr0
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
@@ -48,51 +30,6 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
     if not grads:
         return None
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """
-    Forget a re-seeded worker's optimizer state (moments built on its NaN/Inf weights would poison it again): torch
-    optimizers rebuild the state lazily at the next step. The schedule (param groups' lr) is kept.
-    """
-    optimizer.state.clear()
-    logger.warning("DPPF: this worker was re-seeded from the healthy workers' average; its optimizer state is reset.")
-
-
-def after_round(engine: DPPFConsensus, optimizer: torch.optim.Optimizer | None) -> None:
-    """What an integration does after a round or a finiteness check: reset the optimizer of a re-seeded worker."""
-    if engine.last_reseeded and optimizer is not None:
-        reset_optimizer_state(optimizer)
-
-
-def silence_ddp(model: torch.nn.Module, saved: dict[str, bool] | None = None) -> dict[str, bool]:
-    """
-    Switch off a `DistributedDataParallel` module's gradient all-reduce and forward buffer broadcast. Call it again at
-    every step: `accelerator.trigger_sync_in_backward` and friends set the flags back to True.
-
-    Args:
-        model (`torch.nn.Module`): the (possibly DDP-wrapped) model.
-        saved (`dict[str, bool]`, *optional*): what an earlier call returned; kept, so `restore_ddp` gets the flags
-            as they were before the first call.
-
-    Returns:
-        `dict[str, bool]`: the original flags, for `restore_ddp` (empty when `model` is not DDP-wrapped).
-    """
-    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return {}
-    flags = saved or {
-        "require_backward_grad_sync": model.require_backward_grad_sync,
-        "require_forward_param_sync": model.require_forward_param_sync,
-    }
-    model.require_backward_grad_sync = False
-    model.require_forward_param_sync = False
-    return flags
-
-
-def restore_ddp(model: torch.nn.Module, flags: dict[str, bool]) -> None:
-    """Give a DDP module back the flags that `silence_ddp` returned."""
-    for name, value in flags.items():
-        setattr(model, name, value)
 
 
 class DPPF:
@@ -146,7 +83,7 @@ class DPPF:
     ) -> None:
         self.accelerator = accelerator
         self.model = model
-        self.optimizer = _inner_optimizer(optimizer) if optimizer is not None else None
+        self.optimizer = inner_optimizer(optimizer) if optimizer is not None else None
         self.config = config if config is not None else DPPFConfig()
         self.average_on_exit = average_on_exit
         self.enabled = enabled

@@ -1,6 +1,6 @@
 """
-The machinery shared by the sharpness measures (`hf_dppf.sharpness`, `hf_dppf.sharpness_reference`) and the
-loss-landscape slices (`hf_dppf.landscape`):
+The machinery shared by the sharpness measures (`valley.py`, `reference.py`) and the loss-landscape slices
+(`landscape.py`):
 
 - `EvalSet`: a fixed evaluation set (materialised once, on the model's device) and the mean loss over it;
 - `random_direction`: filter-normalised random directions (Li et al., 2018), deterministic for a seed;

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .trainer import DPPFTrainer, DPPFTrainingArguments
+from ..integrations.trainer import DPPFTrainer, DPPFTrainingArguments
 
 _NORM_EPS = 1e-12
 

@@ -1,4 +1,4 @@
-"""Accuracy, as an `evaluate` metric module: load it with `evaluate.load(hf_dppf.metrics.ACCURACY)` (no network)."""
+"""Accuracy as an `evaluate` metric module, loaded offline by `evaluate.load(hf_dppf.recipes.metrics.ACCURACY)`."""
 
 import datasets
 import evaluate
@@ -16,7 +16,7 @@ Returns:
     accuracy (`float`): in [0, 1] when `normalize`, else the (weighted) count of correct predictions.
 
 Example:
-    >>> metric = evaluate.load(hf_dppf.metrics.ACCURACY)
+    >>> metric = evaluate.load(hf_dppf.recipes.metrics.ACCURACY)
     >>> metric.compute(predictions=[0, 1, 2, 1], references=[0, 1, 1, 1])
     {'accuracy': 0.75}
 """

@@ -7,7 +7,7 @@ Reference sharpness measures, to compare Inverse Mean Valley against:
   Hessian-vector products);
 - `hessian_trace`: the trace of the Hessian (Hutchinson's estimator with Rademacher vectors).
 
-All three take the model, the evaluation batches and `loss_fn` as `hf_dppf.sharpness.mean_valley` does, run the
+All three take the model, the evaluation batches and `loss_fn` as `mean_valley` does, run the
 model in eval mode, and leave its weights and train/eval flags exactly as they were. Unlike IMV they are measured
 in absolute parameter units, so they change when a ReLU network's layers are rescaled.
 """

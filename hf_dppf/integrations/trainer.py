@@ -26,10 +26,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .accelerate import _inner_optimizer, after_round, initial_lr, lr_push_scale, restore_ddp, silence_ddp
+from ..engine import DPPFConsensus
 from .arguments import DPPFArguments
+from .common import after_round, initial_lr, inner_optimizer, lr_push_scale, restore_ddp, silence_ddp
 from .deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage, zero_stage_of
-from .engine import DPPFConsensus
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class DPPFTrainer(Trainer):
       logged `grad_norm`; after clipping every norm above `max_grad_norm` would be the same and the weights equal).
     - With DeepSpeed (`--deepspeed ds_config.json` or an Accelerate DeepSpeed config) the workers are replicas of
       `--dppf_replica_size` processes: ZeRO shards and synchronises inside each replica every step, DPPF runs across
-      replicas shard by shard (`hf_dppf.deepspeed`); checkpoints hold each replica's DeepSpeed checkpoint under
-      `dppf/replica{k}/`. ZeRO-2/3 need `--dppf_replica_size` > 1.
+      replicas shard by shard (`deepspeed.py` in this package); checkpoints hold each replica's DeepSpeed checkpoint
+      under `dppf/replica{k}/`. ZeRO-2/3 need `--dppf_replica_size` > 1.
 
     `evaluate`, `predict` and `save_model` are collectives while the workers differ: call them on every process, as
     the stock scripts do.
@@ -301,7 +301,7 @@ class DPPFTrainer(Trainer):
         """What holds the learning rate and the state: the torch optimizer, or DeepSpeed's (same `param_groups`)."""
         if self._dppf_groups is not None:
             return self.model_wrapped.optimizer
-        return _inner_optimizer(self.optimizer)
+        return inner_optimizer(self.optimizer)
 
     def _dppf_check_schedule(self, max_steps: int) -> None:
         """Warn about settings that make the run's rounds differ from what the flags suggest."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_sharpness import (
+from .arg_types import POSITIVE_FLOAT, number
+from .sharpness import (
     add_direction_arguments,
     add_model_and_data_arguments,
     finish_distributed,
@@ -21,7 +22,6 @@ from .cli_sharpness import (
     markdown_table,
     prepare,
 )
-from .cli_types import POSITIVE_FLOAT, number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .landscape import loss_landscape
+    from ..sharpness import loss_landscape
 
     started = init_distributed_from_env()
     model, batches, description = prepare(args)

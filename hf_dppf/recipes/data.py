@@ -1,4 +1,9 @@
-"""Real datasets that installed packages ship, so that recipes, the CLI and the tests run offline."""
+"""
+Real datasets that installed packages ship, so that recipes, the CLI and the tests run offline.
+
+They live with the recipe support because the recipes train on them; `hf-dppf sharpness` / `landscape` read the same
+loaders, so that a recipe's model is measured on the data and labels it was trained with.
+"""
 
 from __future__ import annotations
 
