@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netns_testbed  # noqa: E402
 
-from hf_dppf import benchmark  # noqa: E402
+from hf_dppf.cli import bench as benchmark  # noqa: E402
 
 
 def _rate(value: str) -> str:

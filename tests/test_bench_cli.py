@@ -34,7 +34,7 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {
         m.group(1): float(m.group(2))
-        for m in re.finditer(r"^\| (.+?) \| \d+ \| \d+ \| ([\d.]+)x \|$", out.read_text(), re.M)
+        for m in re.finditer(r"^\| (.+?) \| [\d.]+ \| [\d.]+ \| ([\d.]+)x \|", out.read_text(), re.M)
     }
     assert set(rows) == {
         "flat all-reduce (floor)",
@@ -49,11 +49,20 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
     assert "2 gloo processes" in out.read_text()
     # the JSON holds the same measurements: each ratio is that method's median over the flat all-reduce's median
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert result["schema"] == "hf_dppf.bench/1" and result["processes"] == 2 and result["repeats"] == 2
+    assert result["schema"] == "hf_dppf.bench/2" and result["processes"] == 2 and result["repeats"] == 2
     floor = result["methods"]["flat all-reduce (floor)"]["median_ms"]
     for name, m in result["methods"].items():
         assert m["ratio"] == m["median_ms"] / floor and m["min_ms"] <= m["median_ms"]
         assert rows[name] == float(f"{m['ratio']:.2f}")
+    # every round row counts its ops and host reads: O(buckets) ops, two reads
+    assert set(result["rounds"]) == {"dppf", "easgd", "lsgd", "grawa"}
+    for name, r in result["rounds"].items():
+        assert r["host_reads"] <= 2 and 0 < r["ops"] <= 10 * r["buckets"] + 60, (name, r)
+        assert r["floor_multiple"] == result["methods"][name_of(name)]["ratio"]
+
+
+def name_of(strategy: str) -> str:
+    return "DPPFConsensus.round()" + ("" if strategy == "dppf" else f" [{strategy}]")
 
 
 def test_bench_cli_rejects_single_process() -> None:

@@ -156,3 +156,42 @@ def test_one_worker_round_reads_once_and_a_step_between_rounds_costs_nothing(wor
     assert r["step"] == (0, 0)
     ops, reads = r["round"]
     assert reads == 1 and ops <= 20, r
+
+
+def _tiny_counts(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import BertConfig, BertModel
+
+    from hf_dppf.cli.bench import MODELS
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    model = BertModel(BertConfig(**MODELS["bert-tiny"])).requires_grad_(True)
+    kinds = [k for k in KINDS if k[0] in ("dppf-fp32", "avg-fp32", "lsgd-fp32", "overlapped-dppf-fp32")]
+    return _count(model, kinds, bucket_mb=1.0)
+
+
+def test_the_bench_counts_what_this_test_counts(tmp_path) -> None:
+    """`hf-dppf bench --collectives fake` reports the op and read counts that this file's own counter sees."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "hf_dppf.cli", "bench", "--collectives", "fake", "--model", "bert-tiny"]
+    cmd += ["--bucket_mb", "1", "--repeats", "1", "--strategies", "dppf", "avg", "lsgd", "--overlapped"]
+    proc = subprocess.run([*cmd, "--output_json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads(out.read_text())
+    assert bench["floor"] == "5 passes over the weights (floor)" and bench["floor_ms"] > 0
+    (ours,) = run_distributed(_tiny_counts, 1, init=False)
+    names = {
+        "dppf": "dppf-fp32",
+        "avg": "avg-fp32",
+        "lsgd": "lsgd-fp32",
+        "overlapped dppf (launch + finish)": "overlapped-dppf-fp32",
+    }
+    for bench_name, our_name in names.items():
+        got = bench["rounds"][bench_name]
+        assert (got["ops"], got["host_reads"], got["buckets"]) == ours[our_name], (bench_name, got, ours[our_name])
+        assert got["extra_memory"] >= 1.0, got  # at least the wire buffers

@@ -1,7 +1,7 @@
 """
 The `hf-dppf` command (console script `hf_dppf.cli:main`, or `python -m hf_dppf.cli`) and its subcommands.
 
-Here: this dispatcher; one module per subcommand (`sharpness.py`, `landscape.py`; `bench` is `hf_dppf.benchmark`),
+Here: this dispatcher; one module per subcommand (`bench.py`, `sharpness.py`, `landscape.py`),
 each with `add_arguments(parser)` and `run(args) -> int`; `arg_types.py`, the argparse types they share. A
 subcommand may import any part of the library (config, engine, sharpness, the recipes' offline data); nothing in the
 library imports the CLI. A subcommand's module is imported only when the parser is built, so `import hf_dppf` stays
@@ -22,7 +22,10 @@ DESCRIPTION = (
 # Each subcommand lives in its own module and registers here: subcommand -> (module, help).
 # A module provides `add_arguments(parser)` and `run(args) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("hf_dppf.benchmark", "time one consensus round against a flat all-reduce and accelerate's LocalSGD"),
+    "bench": (
+        "hf_dppf.cli.bench",
+        "time one consensus round, count its ops and host reads, against a flat all-reduce or the memory floor",
+    ),
     "sharpness": ("hf_dppf.cli.sharpness", "Inverse Mean Valley (and reference sharpness measures) of a saved model"),
     "landscape": ("hf_dppf.cli.landscape", "loss-landscape slice of a saved model, as a table and a PNG"),
 }

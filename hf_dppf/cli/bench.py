@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .cli_types import POSITIVE_INT, config_field
-from .config import DPPFConfig
-from .engine import DPPFConsensus, rounds
-from .strategies import STRATEGIES
+from ..config import DPPFConfig
+from ..engine import DPPFConsensus, rounds
+from ..strategies import STRATEGIES
+from .arg_types import POSITIVE_INT, config_field
 
 SCHEMA = "hf_dppf.bench/2"
 FLOOR = "flat all-reduce (floor)"
