@@ -195,3 +195,87 @@ def test_the_bench_counts_what_this_test_counts(tmp_path) -> None:
         got = bench["rounds"][bench_name]
         assert (got["ops"], got["host_reads"], got["buckets"]) == ours[our_name], (bench_name, got, ours[our_name])
         assert got["extra_memory"] >= 1.0, got  # at least the wire buffers
+
+
+class _StepCounter:
+    """A Trainer callback counting the ops and host reads of every optimizer step (from step begin to step end)."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        outer = self
+        self.steps: list[tuple[int, int]] = []
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                outer._ctx = counted()
+                outer._counter = outer._ctx.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer._ctx.__exit__(None, None, None)
+                outer.steps.append((outer._counter.ops, outer._counter.reads))
+
+        self.callback = Callback()
+
+
+def _trainer_steps(tmp: str, dppf: bool) -> list[tuple[int, int]]:
+    from trainer_fixtures import make_args, tiny_bert, toy_data
+
+    from hf_dppf import DPPFTrainer
+
+    counter = _StepCounter()
+    extra = dict(dppf=True, dppf_tau=100, dppf_strategy="lsgd") if dppf else {}
+    args = make_args(tmp, max_steps=5, logging_steps=100, gradient_accumulation_steps=1, ddp_backend=None, **extra)
+    trainer = DPPFTrainer(model=tiny_bert(seed=0), args=args, train_dataset=toy_data(), callbacks=[counter.callback])
+    trainer.train()
+    return counter.steps
+
+
+def _accelerate_steps(dppf: bool) -> list[tuple[int, int]]:
+    from accelerate import Accelerator
+
+    from hf_dppf import DPPF
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    block = (
+        DPPF(accelerator, model, optimizer, DPPFConfig(tau=100, strategy="lsgd")) if dppf else contextlib.nullcontext()
+    )
+    steps = []
+    with block as d:
+        for _ in range(5):
+            x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+            with counted() as c:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                accelerator.backward(loss)
+                if dppf:
+                    d.observe(loss=loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                if dppf:
+                    d.step()
+            steps.append((c.ops, c.reads))
+    return steps
+
+
+def _integration_steps(rank: int, world_size: int, tmp: str) -> dict:
+    import os
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)  # a plain single-process run: no process group, no DDP wrapper
+    return {
+        "trainer": (_trainer_steps(tmp + "/a", dppf=False), _trainer_steps(tmp + "/b", dppf=True)),
+        "accelerate": (_accelerate_steps(dppf=False), _accelerate_steps(dppf=True)),
+    }
+
+
+def test_a_step_between_rounds_costs_the_integrations_at_most_5_ops_and_no_host_read(tmp_path) -> None:
+    """The same training step with and without DPPF (lsgd: the loss is fed every step), one process, no round due."""
+    (r,) = run_distributed(_integration_steps, 1, str(tmp_path), init=False)  # no process group: no DDP either
+    for name, (stock, dppf) in r.items():
+        for i, ((ops0, reads0), (ops1, reads1)) in enumerate(zip(stock[1:], dppf[1:]), start=2):  # step 1 warms up
+            assert 0 <= ops1 - ops0 <= 5, (name, i, stock, dppf)
+            assert reads1 == reads0, (name, i, stock, dppf)
