@@ -396,11 +396,16 @@ def _trainer_rank(rank: int, platform: Platform, steps: int, bf16: bool, tmp: st
 def _accelerate_rank(rank: int, platform: Platform, steps: int, bf16: bool) -> dict[str, dict]:
     import torch.nn.functional as F
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
     from torch.utils.data import DataLoader, TensorDataset
 
     from hf_dppf import DPPF, DPPFConfig
 
-    accelerator = Accelerator(cpu=platform.cpu, mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(  # the backend said outright: Accelerate's default on GPUs is nccl, even on one GPU
+        cpu=platform.cpu,
+        mixed_precision="bf16" if bf16 else "no",
+        kwargs_handlers=[InitProcessGroupKwargs(backend=platform.backend)],
+    )
     x, y = blob_task(4096, seed=1)
     x_test, y_test = blob_task(512, seed=2)
     out = {}
