@@ -40,9 +40,13 @@ from transformers import (
     AutoModelForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
-    ViTImageProcessorPil,
     set_seed,
 )
+
+try:
+    from transformers import ViTImageProcessorPil
+except ImportError:  # transformers < 5.4: the PIL-backed processor still had the plain name
+    from transformers import ViTImageProcessor as ViTImageProcessorPil
 
 from hf_dppf.recipes.common import (
     ClassificationDataArguments,

@@ -33,20 +33,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The suite tests the CPU path: every process it starts says so, so that on a machine with a GPU two ranks never land
+# on a missing cuda:1 or share one GPU under nccl (the GPU paths are `scripts/gpu_check.py`'s).
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """This environment with no GPU visible and one thread per process, plus `extra`: for a CPU-path subprocess."""
+    return {**os.environ, **CPU_ONLY, "OMP_NUM_THREADS": "1", **extra}
+
+
 def launcher_env() -> dict[str, str]:
     """
     This environment for a command that a launcher (torchrun, accelerate launch) starts as in the docs: without the
-    rank variables a test process may carry, one thread per process, and offline.
+    rank variables a test process may carry, one thread per process, offline, and with no GPU visible.
     """
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ACCELERATE_USE_CPU")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = {k: v for k, v in cpu_env().items() if k not in drop}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env
 
 
 def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    """The environment torchrun / accelerate launch would give a worker (and OMP_NUM_THREADS=1)."""
+    """The environment torchrun / accelerate launch would give a worker (and OMP_NUM_THREADS=1, no GPU visible)."""
     return {
+        **CPU_ONLY,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "RANK": str(rank),
@@ -84,7 +95,8 @@ def run_distributed(
     fn: Callable, world_size: int, *args: Any, init: bool = True, dying: tuple[int, ...] = ()
 ) -> list[Any]:
     """
-    Run `fn(rank, world_size, *args)` on `world_size` CPU processes; return the ranks' results in rank order.
+    Run `fn(rank, world_size, *args)` on `world_size` CPU processes (no GPU visible to them); return the ranks'
+    results in rank order.
 
     With `init=False` the process group is left to `fn` (e.g. to an `Accelerator(cpu=True)`). Ranks in `dying` may
     exit or be killed inside `fn`; their result is `None`.
@@ -97,8 +109,9 @@ def run_distributed(
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init, teardown), daemon=False)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    with _environ(CPU_ONLY):  # a spawned rank inherits it before it imports torch
+        for p in procs:
+            p.start()
     results: dict[int, Any] = dict.fromkeys(dying)
     errors: list[str] = []
     try:
@@ -120,6 +133,20 @@ def run_distributed(
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _get(queue: Any, procs: list, dying: tuple[int, ...] = ()) -> tuple:
@@ -174,13 +201,33 @@ def count_collectives() -> Iterator[CollectiveLog]:
     log = CollectiveLog()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         yield log
-    for event in prof.events():
-        if event.name.startswith("gloo:") and event.name != "gloo:barrier":
-            size = 0
-            for shape, dtype in zip(event.input_shapes, event.input_dtypes or ["float"] * len(event.input_shapes)):
-                numel = math.prod(shape) if shape else 0
-                size += numel * _ITEMSIZE.get(dtype, 4)
-            log.calls.append((event.name, size))
+    for name, shapes, dtypes in _gloo_events(prof):
+        size = 0
+        for shape, dtype in zip(shapes, dtypes):
+            if not shape:
+                continue  # not a tensor (an option such as the reduce op)
+            if dtype not in _ITEMSIZE:
+                raise AssertionError(f"{name}: no byte size known for dtype {dtype!r}: add it to _ITEMSIZE")
+            size += math.prod(shape) * _ITEMSIZE[dtype]
+        log.calls.append((name, size))
+
+
+def _gloo_events(prof: Any) -> Iterator[tuple[str, list[list[int]], list[str]]]:
+    """
+    `(name, input shapes, input dtypes)` of every `gloo:*` op but barriers, read from the profiler's raw (Kineto)
+    events, which carry the dtypes on every supported torch; `FunctionEvent.input_dtypes` is newer than torch 2.11.
+    """
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is not None:
+        raw = [(e.name(), e.shapes(), e.dtypes()) for e in results.events()]
+    else:  # no Kineto: the function events, whose dtypes are all that may be missing
+        raw = [(e.name, e.input_shapes, getattr(e, "input_dtypes", None)) for e in prof.events()]
+    for name, shapes, dtypes in raw:
+        if name.startswith("gloo:") and name != "gloo:barrier":
+            shapes = list(shapes or [])
+            if dtypes is None or len(dtypes) != len(shapes):
+                raise AssertionError(f"the profiler recorded no dtypes for {name}: cannot count its bytes")
+            yield name, shapes, list(dtypes)
 
 
 # torch.distributed calls that move data between ranks (barriers included: they synchronise replicas too).

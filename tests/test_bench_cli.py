@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dist_utils import cpu_env
+
 
 def test_bench_cli_writes_table(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
@@ -30,7 +32,7 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
         "lsgd",
         "grawa",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {
         m.group(1): float(m.group(2))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from dist_utils import free_port
+from dist_utils import cpu_env, free_port
 
 from hf_dppf.engine import FINGERPRINT_BYTES
 
@@ -36,7 +35,7 @@ def launch(launcher: str) -> list[str]:
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_accelerate_loop_recipe_under_launchers(launcher: str) -> None:
     args = ["recipes/accelerate_loop.py", "--dppf", "--dppf_tau", "4", "--epochs", "2", "--hidden", str(HIDDEN)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = cpu_env()
     proc = subprocess.run(launch(launcher) + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

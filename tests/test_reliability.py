@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import free_port, gather_workers, run_distributed
+from dist_utils import cpu_env, free_port, gather_workers, run_distributed
 from safetensors.torch import load_file
 from test_engine import OddModel, trainable
 from trainer_fixtures import make_args, tiny_bert, toy_data
@@ -292,7 +292,7 @@ SCRIPT = REPO / "tests" / "crash_resume_run.py"
 
 
 def _launch(output_dir: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    env = cpu_env(PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "0"]
     command += ["--master_port", str(free_port()), str(SCRIPT), str(output_dir), *flags]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

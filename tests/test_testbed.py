@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import load_script
+from tests.dist_utils import cpu_env, load_script
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
@@ -159,7 +159,7 @@ def test_bench_across_links_table_matches_runs(tmp_path):
     before = set(live_namespaces())
     cmd = [sys.executable, str(SCRIPT.parent / "bench_consensus.py"), "--model", "bert-tiny", "--repeats", "1"]
     cmd += ["--skip_localsgd", "--rates", RATE, "--output", str(out), "--output_json", str(out_json)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cpu_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     loopback, shaped = json.loads(out_json.read_text())
     floor = "flat all-reduce (floor)"

@@ -245,7 +245,12 @@ def prepare(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict], str]
 def init_distributed_from_env() -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1) unless one exists; returns whether it joined."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # nccl needs a GPU of its own per process, set before the group starts (its barrier and the tables' all-reduce
+        # use the current device); with fewer GPUs than local processes the ranks share cuda:0 over gloo.
+        nccl = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if nccl else "gloo")
         return True
     return False
 

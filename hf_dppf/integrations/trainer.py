@@ -172,14 +172,14 @@ class DPPFTrainer(Trainer):
             import transformers
 
             raise ImportError(
-                f"--dppf needs a transformers release whose Trainer has _prepare_for_training (tested: 5.24); "
+                f"--dppf needs a transformers release whose Trainer has _prepare_for_training (supported: >= 5.3.0); "
                 f"found {transformers.__version__}."
             )
         if not hasattr(Trainer, "_get_grad_norm"):  # where grawa's gradient norm is read (transformers 5)
             import transformers
 
             raise ImportError(
-                f"--dppf needs a transformers release whose Trainer has _get_grad_norm (tested: 5.24); found "
+                f"--dppf needs a transformers release whose Trainer has _get_grad_norm (supported: >= 5.3.0); found "
                 f"{transformers.__version__}."
             )
         if not isinstance(self.args, DPPFTrainingArguments):

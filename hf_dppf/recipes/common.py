@@ -411,4 +411,6 @@ def end(trainer: DPPFTrainer) -> None:
     trainer.accelerator.wait_for_everyone()
     trainer.model_wrapped = trainer.model
     trainer.accelerator.free_memory()
-    trainer.end()  # finish the trackers, destroy the process group
+    # What `Trainer.end()` does where it exists (transformers >= 5.20): finish the trackers, destroy the process
+    # group. Called on the Accelerator so that it works on every supported transformers.
+    trainer.accelerator.end_training()
