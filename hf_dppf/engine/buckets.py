@@ -96,12 +96,22 @@ class BucketLayout:
         params_or_module (`torch.nn.Module` or list of `torch.Tensor`): what the engine moves.
         bucket_mb (`float`): the target size of a bucket on the wire, MiB.
         comm_dtype (`str`): the wire dtype, a key of `COMM_DTYPES` (float64 tensors always travel as float64).
+        fallback_device (`torch.device`, *optional*): where small tensors go when there is no tensor at all.
     """
 
-    def __init__(self, params_or_module: torch.nn.Module | list[torch.Tensor], bucket_mb: float, comm_dtype: str):
+    def __init__(
+        self,
+        params_or_module: torch.nn.Module | list[torch.Tensor],
+        bucket_mb: float,
+        comm_dtype: str,
+        fallback_device: torch.device | None = None,
+    ) -> None:
         self.module = params_or_module if isinstance(params_or_module, torch.nn.Module) else None
         self.explicit = None if self.module is not None else list(params_or_module)
         self.bucket_mb, self.comm_dtype = bucket_mb, COMM_DTYPES[comm_dtype]
+        self.fallback_device = fallback_device or torch.device(
+            "cpu"
+        )  # with no tensor at all (the current GPU under nccl)
         self.buckets: list[Bucket] = []
         self._signature: tuple = ()
 
@@ -122,9 +132,9 @@ class BucketLayout:
         return params, buffers
 
     def device(self) -> torch.device:
-        """Where the engine's small tensors live (the collectives' device: a GPU under nccl)."""
+        """Where the engine's small tensors live: the tensors' device (a GPU under nccl), else `fallback_device`."""
         params, buffers = self.collect()
-        return (params + buffers)[0].device if params + buffers else torch.device("cpu")
+        return (params + buffers)[0].device if params + buffers else self.fallback_device
 
     def wire_dtype(self, t: torch.Tensor) -> torch.dtype:
         return torch.float64 if t.dtype == torch.float64 else self.comm_dtype

@@ -50,8 +50,18 @@ class Collectives:
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
         self.sharded = norm_group is not None and dist.get_world_size(norm_group) > 1
+        self.nccl = distributed and dist.get_backend(group) == "nccl"
+
+    def fallback_device(self) -> torch.device:
+        """Where small tensors go when the engine has no tensor to take it from: the current GPU under nccl."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
 
     def _count(self, tensor: torch.Tensor) -> None:
+        if self.nccl and tensor.device.type != "cuda":
+            raise ValueError(
+                f"DPPF: the process group's backend is nccl but a tensor to communicate is on {tensor.device}: nccl "
+                "only moves GPU tensors. Move the model to its GPU before DPPF sees it, or use gloo for CPU tensors."
+            )
         stats = self._stats()
         stats.bytes_communicated += tensor.numel() * tensor.element_size()
         stats.collective_calls += 1

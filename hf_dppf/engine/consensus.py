@@ -76,9 +76,10 @@ class DPPFConsensus:
             if not all(isinstance(t, torch.Tensor) for t in params_or_module):
                 raise TypeError("params_or_module must be a torch.nn.Module or an iterable of tensors.")
         self.module = params_or_module if isinstance(params_or_module, torch.nn.Module) else None
-        self.layout = BucketLayout(params_or_module, self.config.bucket_mb, self.config.comm_dtype)
         self.stats = DPPFStats()
         self.comm = Collectives(process_group, norm_group, lambda: self.stats, self.config.timeout_s, self._where)
+        cfg = self.config
+        self.layout = BucketLayout(params_or_module, cfg.bucket_mb, cfg.comm_dtype, self.comm.fallback_device())
         self.group, self.norm_group = process_group, norm_group
         self.world_size, self.rank = self.comm.world_size, self.comm.rank
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

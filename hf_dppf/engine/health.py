@@ -7,6 +7,7 @@ Everything here is a collective whose answer every rank shares, so every rank ta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,7 +84,9 @@ def verify_ranks(layout: BucketLayout, comm: Collectives, config: dict[str, Any]
     if all(torch.equal(g, gathered[0]) for g in gathered):
         return
     everyone: list[Any] = [None] * comm.world_size  # every rank takes this path: the digests are shared
-    dist.all_gather_object(everyone, mine, group=comm.group)
+    device = layout.device()
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(everyone, mine, group=comm.group)  # (under nccl: on the tensors' GPU)
     raise RuntimeError(f"DPPF workers disagree, so no round can run: {first_difference(everyone)}")
 
 
