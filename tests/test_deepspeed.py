@@ -118,7 +118,7 @@ def _replica_round(rank: int, stage: int, replica_size: int) -> dict[str, Any]:
     expected = simulate_round(workers, config, push_scale=PUSH_SCALE)[groups.replica_index]
     expected_distance = sum(distances_to_average(workers)) / len(workers)
 
-    shard_numel = sum(t.numel() for t in dppf.consensus._collect()[0])
+    shard_numel = sum(t.numel() for t in dppf.consensus.layout.collect()[0])
     sent = dppf.stats.bytes_communicated
     with record_collective_groups(*captured) as round_calls:
         stats = dppf.round(PUSH_SCALE)
@@ -159,7 +159,7 @@ def _poison_and_reseed(
     bad = 1
     if groups.replica_index == bad and groups.shard_index == groups.replica_size - 1:
         with torch.no_grad():
-            dppf.consensus._collect()[0][0][0] = float("nan")
+            dppf.consensus.layout.collect()[0][0][0] = float("nan")
     reseeded = dppf.ensure_finite()
     after = full_parameters(engine.module, stage)
     replicas = gather_workers(before, WORLD)[:: groups.replica_size]
