@@ -11,6 +11,7 @@ from .strategies import STRATEGIES
 COMM_DTYPES = ("fp32", "bf16", "fp16")
 LAM_SCHEDULES = ("lr", "constant")
 NONFINITE_POLICIES = ("reseed", "raise")
+PUSH_MODES = ("round", "step")
 
 # Default push strength when neither `lam` nor `width` is given: a valley 1% of the average's norm wide.
 # Measured at CPU scale (MNIST/digits, 4 workers) widths of 0.005 to 0.02 cost no accuracy; 0.05 does.
@@ -94,6 +95,12 @@ class DPPFConfig:
             correction computed from the snapshot, `x_i += round(snapshot)_i - snapshot_i`, so the local progress
             made meanwhile is kept. Costs one extra copy of the trainable weights (the snapshot). Rounds during
             warmup stay blocking. Only for the strategies that pull toward the plain average (`dppf`, `avg`).
+        push_mode (`str`, defaults to `"round"`):
+            Where the push is applied. `"round"`: at each consensus round, together with the pull. `"step"`: as the
+            gradient of the relaxed Inverse-Mean-Valley regulariser at every local optimizer step, against the
+            average `x_A` of the last round, `x_i <- x_i + (lr_t / lr_0) * (lam / tau) * (x_i - x_A) / ||x_i - x_A||`,
+            and the round only pulls. Nothing more is sent; `x_A` is kept between rounds (one extra copy of the
+            trainable weights, checkpointed). `strategy="dppf"` only, blocking rounds only (`overlap_steps=0`).
         replica_size (`int`, defaults to 1):
             Processes per worker (replica) under DeepSpeed ZeRO: world size = `replica_size` x replicas; inside a
             replica ZeRO shards and synchronises every step, across replicas DPPF runs on each shard. 1 (flat) makes
@@ -114,6 +121,7 @@ class DPPFConfig:
     nonfinite_policy: str = "reseed"
     timeout_s: float | None = None
     overlap_steps: int = 0
+    push_mode: str = "round"
     replica_size: int = 1
 
     def __post_init__(self) -> None:
@@ -155,6 +163,17 @@ class DPPFConfig:
                 self.overlap_steps,
                 f"0 with strategy={self.strategy!r}: overlapped rounds only apply to the strategies that pull toward "
                 "the plain average ('dppf', 'avg')",
+            )
+        if self.push_mode not in PUSH_MODES:
+            raise _bad("push_mode", self.push_mode, f"one of {list(PUSH_MODES)}")
+        if self.push_mode == "step" and not STRATEGIES[self.strategy].pushes:
+            raise _bad("push_mode", self.push_mode, f"'round' with strategy={self.strategy!r}, which does not push")
+        if self.push_mode == "step" and self.overlap_steps:
+            raise _bad(
+                "push_mode",
+                self.push_mode,
+                f"'round' with overlap_steps={self.overlap_steps}: the step push needs the last round's average, "
+                "which an overlapped round has not landed yet",
             )
         if isinstance(self.replica_size, bool) or not isinstance(self.replica_size, int) or self.replica_size < 1:
             raise _bad("replica_size", self.replica_size, "an integer >= 1 (processes per replica)")
@@ -198,6 +217,11 @@ class DPPFConfig:
     def moving_rate(self) -> float:
         """easgd's `beta` in force: the given one or `DEFAULT_BETA`."""
         return DEFAULT_BETA if self.beta is None else self.beta
+
+    @property
+    def pushes_at_round(self) -> bool:
+        """Whether the round applies the push (`push_mode="round"` with a pushing strategy)."""
+        return STRATEGIES[self.strategy].pushes and self.push_mode == "round"
 
     def round_due(self, step: int) -> bool:
         """Whether a consensus round follows optimizer step number `step` (1-based)."""

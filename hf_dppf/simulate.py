@@ -151,7 +151,8 @@ def simulate_consensus(
         out = [[(t.double() - alpha * (t.double() - cj)).to(t.dtype) for t, cj in zip(w, c)] for w in workers]
         return SimulatedRound(out)
     average_norm = torch.sqrt(sum((a**2).sum() for a in avg)).item()
-    lam = config.push_strength(average_norm, push_scale)
+    # push_mode="step": the round only pulls; the push comes at every local step (`simulate_step_push`)
+    lam = config.push_strength(average_norm, push_scale) if config.push_mode == "round" else 0.0
     out = []
     for w in workers:
         d = [t.double() - a for t, a in zip(w, avg)]
@@ -207,3 +208,36 @@ def simulate_delayed_round(
         [(c.double() + (r.double() - s.double())).to(c.dtype) for c, r, s in zip(cur, rnd, snap)]
         for cur, rnd, snap in zip(currents, rounded, snapshots)
     ]
+
+
+def simulate_step_push(
+    workers: Sequence[Sequence[torch.Tensor]],
+    average: Sequence[torch.Tensor],
+    config: DPPFConfig,
+    push_scale: float = 1.0,
+) -> list[list[torch.Tensor]]:
+    """
+    One local step's push under `push_mode="step"`: the gradient step of the relaxed Inverse-Mean-Valley regulariser
+    against the average of the last round, `x_i + push_scale * (lam / tau) * (x_i - x_A) / ||x_i - x_A||` (no push
+    where `||x_i - x_A|| <= eps`), with `lam` the round's: the explicit `lam`, or `alpha * width * ||x_A||`.
+
+    Args:
+        workers (`Sequence[Sequence[torch.Tensor]]`): every worker's tensors after its optimizer step.
+        average (`Sequence[torch.Tensor]`): `x_A`, the workers' average at the last round.
+        config (`DPPFConfig`): the rule (`lam` or `width`, `alpha`, `tau`, `eps`).
+        push_scale (`float`, defaults to 1.0): the schedule's factor at this step (`lr_t / lr_0`).
+
+    Returns:
+        `list[list[torch.Tensor]]`: the workers after the push, in their own dtypes.
+    """
+    _check(workers)
+    x_a = [a.double() for a in average]
+    lam = config.push_strength(torch.sqrt(sum((a**2).sum() for a in x_a)).item())
+    strength = push_scale * lam / config.tau
+    out = []
+    for w in workers:
+        d = [t.double() - a for t, a in zip(w, x_a)]
+        r = torch.sqrt(sum((di**2).sum() for di in d)).item()
+        push = strength / r if r > config.eps else 0.0
+        out.append([(t.double() + push * di).to(t.dtype) for t, di in zip(w, d)])
+    return out

@@ -51,7 +51,8 @@ BAD_VALUES: dict[str, list] = {
     "eps": [-1e-9],
     "nonfinite_policy": ["ignore"],
     "timeout_s": [0, -5.0, float("nan")],
-    "overlap_steps": [-1, 1.5, 4, True],  # 4 = the default tau: a round must land before the next one is due
+    "overlap_steps": [-1, 1.5, 4, True],
+    "push_mode": ["regulariser"],  # 4 = the default tau: a round must land before the next one is due
     "replica_size": [0, -2, 1.5, True],
 }
 

@@ -79,6 +79,17 @@ class Bucket:
         """The tensors into the wire buffer (cast to the wire dtype): one op."""
         torch._foreach_copy_(self.views, self.tensors)
 
+    def ensure_centre(self, saved: dict[str, torch.Tensor]) -> bool:
+        """
+        Allocate the centre buffer (in the tensors' dtype) if there is none, and make `saved` hold its views by name.
+        Returns whether it was newly made (its contents are then undefined: the caller fills it).
+        """
+        if self.centre is not None:
+            return False
+        self.centre = torch.empty(self.numel, dtype=self.tensors[0].dtype, device=self.comm.device)
+        self.centre_views = views_of(self.centre, self.tensors)
+        return True
+
     def ensure_snapshot(self) -> torch.Tensor:
         """The snapshot buffer (allocated once per layout), in the tensors' dtype promoted to at least float32."""
         dtype = torch.promote_types(self.tensors[0].dtype, torch.float32)

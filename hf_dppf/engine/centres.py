@@ -20,31 +20,52 @@ import torch.distributed as dist
 from ..config import DPPFConfig
 from ..strategies import Strategy, grawa_weight, leader_rank
 from . import health
-from .buckets import Bucket, BucketLayout, views_of
+from .buckets import Bucket, BucketLayout
 from .collectives import Collectives
 from .rounds import Outcome, difference, distances, norm, reduce_healthy, squares, sum_of_squares
 
 
-def ensure_centre(params: list[Bucket], saved: dict[str, torch.Tensor]) -> None:
+def ensure_centre(params: list[Bucket], saved: dict[str, torch.Tensor], initial: str = "average") -> None:
     """
-    easgd's centre buffers, one per parameter bucket: made from `saved` (by name) or, the first time a tensor is seen,
-    from the average `x_A` (the bucket's views after the reduction); `saved` then holds views of the buffers.
-    Per-tensor work, but only when the layout changes or a checkpoint was loaded.
+    The centre buffers, one per parameter bucket: easgd's centre variable, or the last round's average under
+    `push_mode="step"`. A new buffer is filled from `saved` (by name) or, for a tensor seen the first time, from the
+    average `x_A` (`initial="average"`: the bucket's views after the reduction) or from the tensor itself
+    (`initial="tensor"`); `saved` then holds views of the buffers. Per-tensor work, but only when the layout changes
+    or a checkpoint was loaded.
     """
     for b in params:
-        if b.centre is not None:
+        if not b.ensure_centre(saved):
             continue
-        b.centre = torch.empty(b.numel, dtype=b.tensors[0].dtype, device=b.comm.device)
-        b.centre_views = views_of(b.centre, b.tensors)
-        for key, x, view, z in zip(b.keys, b.tensors, b.views, b.centre_views):
+        starts = b.views if initial == "average" else b.tensors
+        for key, x, start, z in zip(b.keys, b.tensors, starts, b.centre_views):
             old = saved.get(key)
             if old is not None and old.shape != x.shape:
                 raise ValueError(
-                    f"easgd centre variable {key!r} has shape {tuple(old.shape)} but the parameter has "
-                    f"{tuple(x.shape)}: the checkpoint belongs to another model."
+                    f"centre variable {key!r} has shape {tuple(old.shape)} but the parameter has {tuple(x.shape)}: "
+                    "the checkpoint belongs to another model."
                 )
-            z.copy_(old if old is not None else view)
+            z.copy_(old if old is not None else start)
             saved[key] = z
+
+
+def step_push(params: list[Bucket], saved: dict[str, torch.Tensor], comm: Collectives, strength: float, eps: float):
+    """
+    `push_mode="step"`: `x_i <- x_i + strength * (x_i - x_A) / ||x_i - x_A||` against the last round's average
+    (the centre buffers), only where the global `||x_i - x_A|| > eps`. Four ops per bucket and no host read: the
+    difference is formed in the weights themselves, its norm and the factor stay on the device.
+    """
+    ensure_centre(params, saved, initial="tensor")
+    norms: list[torch.Tensor] = []
+    for b in params:
+        torch._foreach_sub_(b.tensors, b.centre_views)  # x_i - x_A, in place
+        norms += torch._foreach_norm(b.tensors)
+    if not norms:
+        return
+    r = squares(norms, params[0].comm.device, comm)[0].sqrt()
+    factor = 1.0 + torch.where(r > eps, strength / r, 0.0)
+    for b in params:
+        torch._foreach_mul_(b.tensors, factor.to(b.tensors[0].dtype))
+        torch._foreach_add_(b.tensors, b.centre_views)
 
 
 def elastic(buckets: list[Bucket], c: float, beta: float, measure: bool) -> tuple[list, list]:
@@ -136,11 +157,12 @@ def elastic_round(
 ) -> Outcome:
     """easgd: the plain all-reduce (host read 1: the norms, for a NaN/Inf worker), then the move toward `z`."""
     _, count, mine, _ = reduce_healthy(layout, comm, config, where(), True)
-    ensure_centre([b for b in layout.buckets if b.is_param], saved)
+    ensure_centre([b for b in layout.buckets if b.is_param], saved, initial="average")
     c = rule.coefficient(0.0, config.alpha, 0.0, config.eps) if mine else 0.0
     dist_norms, z_norms = elastic(layout.buckets, c, config.moving_rate, measure=mine)
-    dists = distances(squares(dist_norms, layout, comm)[0].sqrt(), c, comm)
-    return Outcome(torch.cat([dists, squares(z_norms, layout, comm)]), count, mine)
+    device = layout.device()
+    dists = distances(squares(dist_norms, device, comm)[0].sqrt(), c, comm)
+    return Outcome(torch.cat([dists, squares(z_norms, device, comm)]), count, mine)
 
 
 def centre_round(

@@ -148,7 +148,8 @@ class DPPFConsensus:
             return self.stats
         args = (self.layout, self.comm, self.config, rule, self._where)
         if rule.centre == "average":
-            outcome = rounds.average_round(*args, push_scale)
+            anchors = self._centre if rule.pushes and self.config.push_mode == "step" else None
+            outcome = rounds.average_round(*args, push_scale, anchors)
         elif rule.centre == "elastic":
             outcome = centres.elastic_round(*args, self._centre)
         elif rule.centre in ("leader", "weighted"):
@@ -166,7 +167,7 @@ class DPPFConsensus:
 
     def _squares(self, norms: list[torch.Tensor]) -> torch.Tensor:
         """`sum n^2` of partial norms, over this worker's shards: a 1-element float64 device tensor, not read."""
-        return rounds.squares(norms, self.layout, self.comm)
+        return rounds.squares(norms, self.layout.device(), self.comm)
 
     # ------------------------------------------------------------------ what lsgd and grawa need from each worker
     def observe(
@@ -203,6 +204,12 @@ class DPPFConsensus:
             landing).
         """
         self.stats.steps += 1
+        if self.config.push_mode == "step" and self.world_size > 1 and self._centre:
+            # the regulariser's gradient, against the last round's average (none before the first round)
+            strength = push_scale * self.config.push_strength(self.stats.average_norm) / self.config.tau
+            with torch.no_grad():
+                params = [b for b in self.layout.ensure() if b.is_param]
+                centres.step_push(params, self._centre, self.comm, strength, self.config.eps)
         landed = self._in_flight is not None and self.stats.steps >= self._in_flight.due
         if landed:
             self.finish()

@@ -153,9 +153,9 @@ def distances(r: torch.Tensor, c: float, comm: Collectives) -> torch.Tensor:
     return dists
 
 
-def squares(norms: list[torch.Tensor], layout: BucketLayout, comm: Collectives) -> torch.Tensor:
+def squares(norms: list[torch.Tensor], device: torch.device, comm: Collectives) -> torch.Tensor:
     """`sum n^2` of partial norms, over this worker's shards: a 1-element float64 device tensor, not read."""
-    return comm.over_shards(sum_of_squares(norms, layout.device()).reshape(1))
+    return comm.over_shards(sum_of_squares(norms, device).reshape(1))
 
 
 def average_round(
@@ -165,29 +165,56 @@ def average_round(
     rule: Strategy,
     where: Callable[[], str],
     push_scale: float,
+    anchors: dict[str, torch.Tensor] | None = None,
 ) -> Outcome:
     """
     dppf and avg: pull toward (and push from) the plain average. The norms are read once (host read 1): they give
-    `c_i` and reveal a NaN/Inf worker. A round whose `c_i` is 0 for sure (avg; dppf with alpha = 1 and no push)
-    leaves every worker on the exact average.
+    `c_i` and reveal a NaN/Inf worker. A round whose `c_i` is 0 for sure (avg; dppf with alpha = 1 and no push at the
+    round) leaves every worker on the exact average. Under `push_mode="step"` the round only pulls and, given
+    `anchors`, keeps this round's average in the centre buffers (by name in `anchors`) for the steps until the next.
     """
     alpha = config.alpha
-    exact = not rule.pushes or (alpha == 1.0 and config.push_strength(1.0, push_scale) == 0.0)
+    round_push = rule.pushes and config.push_mode == "round"
+    zero_push = not round_push or config.push_strength(1.0, push_scale) == 0.0
+    exact = not rule.pushes or (alpha == 1.0 and zero_push)
     (sq_sum, sq_diff, _), count, mine, exact = reduce_healthy(layout, comm, config, where(), exact)
     average_norm = math.sqrt(sq_sum) / count
     lam = config.push_strength(average_norm, push_scale) if rule.pushes else 0.0
     if exact:  # every worker takes the average, bit for bit the same on every rank
-        r, c = squares(settle(layout.buckets, measure=mine), layout, comm)[0].sqrt(), 0.0
+        r, c = squares(settle(layout.buckets, measure=mine), layout.device(), comm)[0].sqrt(), 0.0
     else:
         r_host = math.sqrt(sq_diff) / count
-        c = rule.coefficient(r_host, alpha, lam, config.eps)
+        c = rule.coefficient(r_host, alpha, lam if round_push else 0.0, config.eps)
         for b in layout.buckets:
             if b.is_param:
                 write_difference(b, count, (1.0 - c) / count)
             else:
                 torch._foreach_copy_(b.tensors, b.views)
         r = torch.tensor(r_host, dtype=torch.float64, device=layout.device())
+    if anchors is not None:
+        keep_average(layout.buckets, anchors, count, c, exact)
     return Outcome(distances(r, c, comm), count, mine, lam, average_norm)
+
+
+def keep_average(buckets: list[Bucket], anchors: dict[str, torch.Tensor], k: int, c: float, exact: bool) -> None:
+    """
+    After a round's write-back, each parameter bucket's centre buffer takes the round's average `x_A` (2 ops per
+    bucket at most): the wire buffer holds it (`exact`), or the sum (a half-precision wire), or `k (x_A - x_old)`
+    with `x_new = x_old + (1 - c) (x_A - x_old)`, so that `x_A = x_new + c / k * buffer`.
+    """
+    for b in buckets:
+        if not b.is_param:
+            continue
+        b.ensure_centre(anchors)
+        for key, z in zip(b.keys, b.centre_views):
+            anchors[key] = z
+        if exact:
+            b.centre.copy_(b.comm)
+        elif b.same_dtype:
+            torch._foreach_copy_(b.centre_views, b.tensors)
+            b.centre.add_(b.comm, alpha=c / k)
+        else:
+            b.centre.copy_(b.comm).div_(k)
 
 
 def reduce_healthy(

@@ -10,7 +10,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from ..config import COMM_DTYPES, LAM_SCHEDULES, NONFINITE_POLICIES, DPPFConfig
+from ..config import COMM_DTYPES, LAM_SCHEDULES, NONFINITE_POLICIES, PUSH_MODES, DPPFConfig
 from ..strategies import STRATEGIES
 
 # `DPPFConfig` field -> `DPPFArguments` field (and command-line flag). `lam` is a Python keyword elsewhere.
@@ -20,6 +20,7 @@ _CHOICES = {
     "lam_schedule": list(LAM_SCHEDULES),
     "comm_dtype": list(COMM_DTYPES),
     "nonfinite_policy": list(NONFINITE_POLICIES),
+    "push_mode": list(PUSH_MODES),
 }
 
 
@@ -101,6 +102,7 @@ class DPPFArguments:
     dppf_nonfinite_policy: str = _dppf_field("nonfinite_policy")
     dppf_timeout_s: float | None = _dppf_field("timeout_s")
     dppf_overlap_steps: int = _dppf_field("overlap_steps")
+    dppf_push_mode: str = _dppf_field("push_mode")
     dppf_replica_size: int = _dppf_field("replica_size")
 
     def __post_init__(self) -> None:
