@@ -8,10 +8,12 @@ an uninterrupted run (resume).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +30,17 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback
 
 from hf_dppf import DPPFConfig, DPPFTrainer, DPPFTrainingArguments
 from hf_dppf.engine import FINGERPRINT_BYTES
+from hf_dppf.integrations import trainer as trainer_module
 from hf_dppf.integrations.arguments import config_field_help, flag_name
-from hf_dppf.integrations.trainer import DPPF_CHECKPOINT_DIR
+from hf_dppf.integrations.trainer import (
+    DPPF_CHECKPOINT_DIR,
+    PREFIX_ATTRIBUTE,
+    PRIVATE_TRAINER_API,
+    TRANSFORMERS_FLOOR,
+    TRANSFORMERS_TESTED,
+    check_trainer_api,
+    checkpoint_prefix,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "text_classification.py"
@@ -505,3 +516,117 @@ def _not_distributed_trainer(rank: int, world_size: int) -> str:
 def test_dppf_refuses_a_trainer_that_does_not_run_distributed():
     for message in run_distributed(_not_distributed_trainer, 2):
         assert message.startswith("torch.distributed has 2 processes but the Trainer runs with world_size=1")
+
+
+# ---------------------------------------------------------------------------------------------------- private API
+
+
+def _private_trainer_members_used() -> set[str]:
+    """
+    What `hf_dppf/integrations/trainer.py` overrides or reads of the `Trainer`'s private members, found in its source:
+    the methods DPPFTrainer defines that the `Trainer` has, and every `self._x` / `super()._x` / `Trainer._x` it
+    reads that hf_dppf does not define itself.
+    """
+    tree = ast.parse(Path(trainer_module.__file__).read_text())
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in ("DPPFTrainer", "_DPPFCallback")]
+    defined = {f.name for c in classes for f in c.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assigned, read = set(), set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+            continue
+        if ast.unparse(node.value) in ("self", "super()", "self.trainer", "Trainer"):
+            (assigned if isinstance(node.ctx, ast.Store) else read).add(node.attr)
+    overridden = {n for n in defined if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)}
+    return overridden | (read - assigned - defined)
+
+
+def test_the_private_trainer_members_dppf_relies_on_are_the_declared_ones():
+    """A new private dependency (or one dropped) must be a deliberate change of `PRIVATE_TRAINER_API` and its docs."""
+    assert (
+        _private_trainer_members_used()
+        == set(PRIVATE_TRAINER_API)
+        == {
+            "_save_checkpoint",
+            "_save_optimizer_and_scheduler",
+            "_get_output_dir",
+            "_get_grad_norm",
+            "_prepare_for_training",
+        }
+    )
+    # the only attribute of a transformers module hf_dppf sets is the checkpoint prefix, inside `checkpoint_prefix`
+    writers = [
+        (function.name, ast.unparse(node))
+        for function in ast.walk(ast.parse(Path(trainer_module.__file__).read_text()))
+        if isinstance(function, ast.FunctionDef)
+        for node in ast.walk(function)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and ast.unparse(node).startswith("transformers.")
+    ]
+    assert writers == [("checkpoint_prefix", PREFIX_ATTRIBUTE)] * 2  # set, then restored
+    docs = (REPO / "docs" / "integrations.md").read_text()
+    assert all(f"`{name}`" in docs for name in PRIVATE_TRAINER_API), "docs/integrations.md says why each is hooked"
+
+
+def test_the_supported_range_is_the_one_ci_installs():
+    def pinned(path: Path) -> str:
+        (line,) = [x for x in path.read_text().splitlines() if x.startswith("transformers==")]
+        return line.split("==")[1]
+
+    assert pinned(REPO / "constraints-min.txt") == TRANSFORMERS_FLOOR
+    assert pinned(REPO / "constraints-cpu.txt") == TRANSFORMERS_TESTED
+    assert f"transformers>={TRANSFORMERS_FLOOR}" in (REPO / "setup.cfg").read_text()
+
+
+def _build(tmp_path: Path, **overrides: Any) -> DPPFTrainer:
+    args = make_args(str(tmp_path), dppf=True, ddp_backend=None, **overrides)  # 1 process: pytest
+    return DPPFTrainer(model=tiny_bert(seed=1), args=args, train_dataset=toy_data())
+
+
+@pytest.mark.parametrize("name", list(PRIVATE_TRAINER_API))
+def test_a_missing_private_member_stops_dppf_at_startup_naming_the_supported_range(name, tmp_path, monkeypatch):
+    monkeypatch.delattr(Trainer, name)
+    message = (
+        rf"--dppf needs transformers >= {re.escape(TRANSFORMERS_FLOOR)} \(tested: {re.escape(TRANSFORMERS_FLOOR)} to "
+        rf"{re.escape(TRANSFORMERS_TESTED)}\); found .*lacks what DPPFTrainer hooks: no Trainer\.{name}\b"
+    )
+    when = PRIVATE_TRAINER_API[name][1]
+    if when == "deepspeed":  # (building a DeepSpeed trainer needs a process group: the check it runs, directly)
+        with pytest.raises(ImportError, match=message):
+            check_trainer_api("dppf", deepspeed=True)
+        _build(tmp_path)  # without DeepSpeed the member is not needed
+        return
+    strategy = when if when != "always" else "dppf"
+    with pytest.raises(ImportError, match=message):
+        _build(tmp_path, dppf_strategy=strategy)
+    if when != "always":
+        _build(tmp_path, dppf_strategy="avg")  # a run that does not need it starts
+    DPPFTrainer(model=tiny_bert(seed=1), args=make_args(str(tmp_path), ddp_backend=None), train_dataset=toy_data())
+
+
+def test_a_changed_private_member_stops_dppf_at_startup(tmp_path, monkeypatch):
+    # a parameter renamed
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", lambda self, folder: None)
+    with pytest.raises(ImportError, match=r"Trainer\._save_optimizer_and_scheduler\(folder\) where DPPFTrainer"):
+        _build(tmp_path)
+    monkeypatch.undo()
+    # the checkpoint folder no longer named from the module's PREFIX_CHECKPOINT_DIR: the staging rename would not work
+    monkeypatch.setattr(
+        Trainer, "_save_checkpoint", lambda self, model, trial: self._save_optimizer_and_scheduler("x")
+    )
+    with pytest.raises(ImportError, match=r"no longer names its folder from transformers\.trainer\.PREFIX_CHECKPOINT"):
+        _build(tmp_path)
+    monkeypatch.undo()
+    _build(tmp_path)
+
+
+def test_checkpoint_prefix_is_restored_even_on_error():
+    import transformers.trainer
+
+    before = transformers.trainer.PREFIX_CHECKPOINT_DIR
+    with checkpoint_prefix("tmp-checkpoint"):
+        assert transformers.trainer.PREFIX_CHECKPOINT_DIR == "tmp-checkpoint"
+    assert transformers.trainer.PREFIX_CHECKPOINT_DIR == before == "checkpoint"
+    with pytest.raises(OSError, match="disk full"), checkpoint_prefix("tmp-checkpoint"):
+        raise OSError("disk full")
+    assert transformers.trainer.PREFIX_CHECKPOINT_DIR == before

@@ -11,6 +11,7 @@ run exactly. Without `--dppf` the classes are the stock `TrainingArguments` and 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import transformers.trainer
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..engine import DPPFConsensus
 from .arguments import DPPFArguments
@@ -46,6 +47,110 @@ SCHEDULER_NAME = "scheduler.pt"  # the stock Trainer's file name: the schedule i
 # A checkpoint is written under this prefix and renamed to `checkpoint-N` once every rank has finished, so that a crash
 # while saving never leaves a half-written `checkpoint-N` for `resume_from_checkpoint=True` to pick.
 STAGING_PREFIX = "tmp-checkpoint"
+
+# The transformers releases DPPFTrainer supports: the floor (setup.cfg, constraints-min.txt) and the newest one CI runs
+# (constraints-cpu.txt); a test keeps them equal to those files.
+TRANSFORMERS_FLOOR = "5.3.0"
+TRANSFORMERS_TESTED = "5.24.0"
+
+# The private members of transformers' `Trainer` that DPPFTrainer still relies on, with the parameters it passes or
+# receives, and when: "always" (every --dppf run), "grawa" (--dppf_strategy grawa), "deepspeed" (under DeepSpeed).
+# Everything else it uses is public: `TrainerCallback` events, `train`, `training_step`, `evaluation_loop`,
+# `save_model`, `log`. Why each of these has no public equivalent: docs/integrations.md, "What DPPFTrainer hooks and
+# why". `check_trainer_api` checks them when a trainer is built with --dppf; a test keeps this table equal to what
+# the code below uses, so a new private dependency is a deliberate change.
+PRIVATE_TRAINER_API: dict[str, tuple[tuple[str, ...], str]] = {
+    # a checkpoint is written in full into tmp-checkpoint-N, then renamed; nothing non-finite is written
+    "_save_checkpoint": (("model", "trial"), "always"),
+    # every worker's own weights, optimizer and engine state instead of rank 0's optimizer (or, under DeepSpeed,
+    # one DeepSpeed checkpoint per replica instead of colliding ones in the checkpoint's top folder)
+    "_save_optimizer_and_scheduler": (("output_dir",), "always"),
+    # the run folder `_save_checkpoint` writes into (the staging folder's parent)
+    "_get_output_dir": (("trial",), "always"),
+    # grawa weighs workers by the gradient norm before clipping, which no public event sees
+    "_get_grad_norm": (("model", "grad_norm"), "grawa"),
+    # DeepSpeed's initialize routed to the replica's group, and the top-folder resume skipped for the replica's own
+    "_prepare_for_training": (("max_steps", "train_dataloader", "resume_from_checkpoint"), "deepspeed"),
+}
+# ... and one module attribute, set only inside `checkpoint_prefix`: the name `_save_checkpoint` gives its folder.
+PREFIX_ATTRIBUTE = "transformers.trainer.PREFIX_CHECKPOINT_DIR"
+
+
+def _signature_problem(name: str, expected: tuple[str, ...]) -> str | None:
+    member = getattr(Trainer, name, None)
+    if member is None:
+        return f"no Trainer.{name}"
+    try:
+        params = list(inspect.signature(member).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return f"Trainer.{name} has no readable signature"
+    names = tuple(p.name for p in params)
+    required_extra = [
+        p
+        for p in params[len(expected) :]
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if names[: len(expected)] != expected or required_extra:
+        return f"Trainer.{name}({', '.join(names)}) where DPPFTrainer expects {name}({', '.join(expected)})"
+    return None
+
+
+def _code_names(function: Any) -> set[str]:
+    """The global and attribute names a function's code (nested code included) refers to."""
+    names: set[str] = set()
+    pending = [getattr(inspect.unwrap(function), "__code__", None)]
+    while pending:
+        code = pending.pop()
+        if code is not None:
+            names.update(code.co_names)
+            pending.extend(c for c in code.co_consts if inspect.iscode(c))
+    return names
+
+
+def check_trainer_api(strategy: str, deepspeed: bool) -> None:
+    """
+    Check that this transformers' `Trainer` has the private members DPPFTrainer relies on (`PRIVATE_TRAINER_API`,
+    with their parameters) for a run with this strategy, with or without DeepSpeed, and that `_save_checkpoint` still
+    names its folder from `PREFIX_CHECKPOINT_DIR`. Raises one `ImportError` naming the supported range and every
+    problem found; `DPPFTrainer` calls it when it is built with --dppf, before any training.
+    """
+    needed = {"always", strategy} | ({"deepspeed"} if deepspeed else set())
+    problems = [
+        problem
+        for name, (expected, when) in PRIVATE_TRAINER_API.items()
+        if when in needed and (problem := _signature_problem(name, expected)) is not None
+    ]
+    if hasattr(Trainer, "_save_checkpoint") and not (
+        hasattr(transformers.trainer, "PREFIX_CHECKPOINT_DIR")
+        and {"PREFIX_CHECKPOINT_DIR", "_save_optimizer_and_scheduler"} <= _code_names(Trainer._save_checkpoint)
+    ):
+        problems.append(
+            f"Trainer._save_checkpoint no longer names its folder from {PREFIX_ATTRIBUTE} and saves the optimizer "
+            "through _save_optimizer_and_scheduler"
+        )
+    if problems:
+        raise ImportError(
+            f"--dppf needs transformers >= {TRANSFORMERS_FLOOR} (tested: {TRANSFORMERS_FLOOR} to "
+            f"{TRANSFORMERS_TESTED}); found {transformers.__version__}, whose Trainer lacks what DPPFTrainer hooks: "
+            f"{'; '.join(problems)}. "
+            'See docs/integrations.md, "What DPPFTrainer hooks and why".'
+        )
+
+
+@contextlib.contextmanager
+def checkpoint_prefix(prefix: str) -> Iterator[None]:
+    """
+    Inside the block the stock `Trainer._save_checkpoint` names its folder `{prefix}-{step}` (and looks for the best
+    checkpoint under that prefix). The one place hf_dppf sets an attribute of a transformers module: the Trainer has no
+    argument for the folder's name, and reads the module's `PREFIX_CHECKPOINT_DIR` when it saves. The attribute is
+    restored on the way out, also when the block raises.
+    """
+    saved = transformers.trainer.PREFIX_CHECKPOINT_DIR
+    transformers.trainer.PREFIX_CHECKPOINT_DIR = prefix
+    try:
+        yield
+    finally:
+        transformers.trainer.PREFIX_CHECKPOINT_DIR = saved
 
 
 @dataclass
@@ -94,6 +199,10 @@ class _DPPFCallback(TrainerCallback):
     def __init__(self, trainer: DPPFTrainer) -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        # After the stock set-up (the DDP or DeepSpeed wrap, optimizer, scheduler, trainer state), before any step.
+        self.trainer._dppf_start(self.trainer._dppf_resume)
+
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         self.trainer._dppf_silence()
 
@@ -134,6 +243,10 @@ class DPPFTrainer(Trainer):
     `evaluate`, `predict` and `save_model` are collectives while the workers differ: call them on every process, as
     the stock scripts do.
 
+    It hooks the stock loop through `TrainerCallback` events and public methods, and through the private members of
+    `PRIVATE_TRAINER_API` where no public one does the same; with `--dppf` they are checked when the trainer is built
+    (`check_trainer_api`), so a transformers release without them stops before training, naming the supported range.
+
     Example:
         ```python
         args = DPPFTrainingArguments(output_dir="out", dppf=True, dppf_tau=4)
@@ -151,6 +264,7 @@ class DPPFTrainer(Trainer):
         self._dppf_lr0 = 0.0
         self._dppf_in_sync = False  # every worker known to hold the same weights (after the final average)
         self._dppf_feed_loss = True  # `training_step` feeds its loss to the engine (lsgd)
+        self._dppf_resume: str | None = None  # the checkpoint `train()` resumes from, for `on_train_begin`
         if self.dppf_enabled:
             self._check_dppf_setup()
             if self.is_deepspeed_enabled:
@@ -168,22 +282,9 @@ class DPPFTrainer(Trainer):
         return self._dppf_engine
 
     def _check_dppf_setup(self) -> None:
-        if not hasattr(Trainer, "_prepare_for_training"):  # the set-up step DPPF hooks into (transformers 5)
-            import transformers
-
-            raise ImportError(
-                f"--dppf needs a transformers release whose Trainer has _prepare_for_training (supported: >= 5.3.0); "
-                f"found {transformers.__version__}."
-            )
-        if not hasattr(Trainer, "_get_grad_norm"):  # where grawa's gradient norm is read (transformers 5)
-            import transformers
-
-            raise ImportError(
-                f"--dppf needs a transformers release whose Trainer has _get_grad_norm (supported: >= 5.3.0); found "
-                f"{transformers.__version__}."
-            )
         if not isinstance(self.args, DPPFTrainingArguments):
             raise TypeError(f"args.dppf needs a DPPFTrainingArguments, got {type(self.args).__name__}.")
+        check_trainer_api(self.args.dppf_config.strategy, deepspeed=self.is_deepspeed_enabled)
         if self.is_fsdp_enabled:
             raise ValueError(
                 "--dppf with FSDP is not supported by DPPFTrainer: use DeepSpeed ZeRO with --dppf_replica_size to "
@@ -222,80 +323,97 @@ class DPPFTrainer(Trainer):
     def _dppf_silence(self) -> None:
         self._dppf_ddp_flags = silence_ddp(self.model_wrapped, self._dppf_ddp_flags)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """
+        The stock `train`. With DPPF it notes the checkpoint it resumes from (`True`: the last one in `output_dir`, as
+        the stock `train` picks it), whose worker states `on_train_begin` loads.
+        """
+        if self.dppf_enabled:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the stock train() raises
+            self._dppf_resume = checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         """
-        After the stock preparation (DDP or DeepSpeed wrap, optimizer, scheduler, checkpoint): start the DPPF engine.
+        The stock set-up; under DeepSpeed with DPPF, with DeepSpeed's data-parallel group set to this process's replica
+        and without the stock resume from a DPPF checkpoint, which reads a DeepSpeed checkpoint from the checkpoint's
+        top folder, where the replicas' shards, which share their file names, cannot all live: each replica resumes
+        from its own at `on_train_begin`. (The one use of this private step: no public event runs around
+        `deepspeed.initialize`, and none can replace the stock resume.)
         """
-        prepare = super()._prepare_for_training if self._dppf_groups is None else self._dppf_prepare_deepspeed
-        model, train_dataloader = prepare(max_steps, train_dataloader, resume_from_checkpoint)
-        if self.dppf_enabled:
-            self._dppf_start(resume_from_checkpoint)
-        return model, train_dataloader
-
-    def _dppf_prepare_deepspeed(self, max_steps, train_dataloader, checkpoint: str | None):
-        """
-        The stock preparation with DeepSpeed's data-parallel group set to this process's replica; a DPPF checkpoint
-        is then resumed from the replica's own DeepSpeed checkpoint (the stock resume reads the checkpoint's top
-        folder, where the replicas' shards, which share their file names, cannot all live).
-        """
-        own = checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint))
+        if self._dppf_groups is None:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        own = resume_from_checkpoint is not None and os.path.isdir(self._dppf_worker_dir(resume_from_checkpoint))
         with self._dppf_groups.routed_initialize():
-            model, train_dataloader = super()._prepare_for_training(
-                max_steps, train_dataloader, None if own else checkpoint
-            )
-        if own:
-            load_path, _ = self.model_wrapped.load_checkpoint(
-                self._dppf_worker_dir(checkpoint),
-                tag=DEEPSPEED_TAG,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-            )
-            if load_path is None:
-                raise ValueError(f"No DeepSpeed checkpoint in {self._dppf_worker_dir(checkpoint)}.")
-            self._load_optimizer_and_scheduler(checkpoint)
-            self._load_scaler(checkpoint)
-        return model, train_dataloader
+            return super()._prepare_for_training(max_steps, train_dataloader, None if own else resume_from_checkpoint)
 
     def _dppf_start(self, checkpoint: str | None) -> None:
+        """
+        `on_train_begin`, after the stock set-up (the DDP or DeepSpeed wrap, which broadcasts rank 0's weights; the
+        optimizer and scheduler, restored from a stock checkpoint): restore every worker's own state from a DPPF
+        checkpoint and start the engine.
+        """
         self._dppf_in_sync = False
-        # lr_0 of the schedule (on resume the optimizer's param groups are restored by now).
-        self._dppf_lr0 = initial_lr(self._dppf_lr_optimizer())
-        self._dppf_check_schedule(self.state.max_steps)
-        if self._dppf_groups is not None:  # each replica's weights and optimizer came with its DeepSpeed checkpoint
-            self._dppf_engine = DeepSpeedDPPF(self.model_wrapped, self.args.dppf_config, self._dppf_groups)
-            if checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint)):
-                with open(os.path.join(self._dppf_worker_dir(checkpoint), WORKER_STATE_NAME)) as f:
-                    engine = json.load(f)["engine"]
-                centre = self._dppf_centre_file(self._dppf_worker_dir(checkpoint))
-                if os.path.isfile(centre):
-                    engine["centre"] = load_file(centre)
-                self._dppf_engine.load_state_dict(engine)
-                self._dppf_engine.verify_ranks()  # every replica resumed from the same step
-            return
-        self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
-        self._dppf_silence()
-        if checkpoint is not None and os.path.isdir(self._dppf_worker_dir(checkpoint)):
-            # After the DDP wrap: wrapping broadcasts rank 0's weights, which would overwrite the others' own.
-            worker = self._dppf_worker_dir(checkpoint)
+        self._dppf_resume = None
+        worker = self._dppf_worker_dir(checkpoint) if checkpoint is not None else None
+        if worker is not None and not os.path.isdir(worker):
+            logger.warning(
+                "Checkpoint %s has no DPPF worker states: every worker starts from its model and optimizer.",
+                checkpoint,
+            )
+            worker = None
+        saved = None
+        if worker is not None:
             with open(os.path.join(worker, WORKER_STATE_NAME)) as f:
                 saved = json.load(f)
-            if saved["world_size"] != self.args.world_size:
+            if self._dppf_groups is None and saved["world_size"] != self.args.world_size:
                 raise ValueError(
                     f"Checkpoint {checkpoint} was written by {saved['world_size']} DPPF workers, this run has "
                     f"{self.args.world_size}: an exact resume needs the same number. To start a new run from its "
                     "average instead, load the checkpoint folder as the model (from_pretrained) without resuming."
                 )
-            load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))  # copied into the params in place
+            self._dppf_load_optimizer(checkpoint, worker)
+        # lr_0 of the schedule (on resume the optimizer's param groups are restored by now).
+        self._dppf_lr0 = initial_lr(self._dppf_lr_optimizer())
+        self._dppf_check_schedule(self.state.max_steps)
+        if self._dppf_groups is not None:  # each replica's weights came with its DeepSpeed checkpoint
+            self._dppf_engine = DeepSpeedDPPF(self.model_wrapped, self.args.dppf_config, self._dppf_groups)
+        else:
+            self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
+            self._dppf_silence()
+            if worker is not None:  # copied into the params in place
+                load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))
+        if saved is not None:
             centre = self._dppf_centre_file(worker)
             if os.path.isfile(centre):
                 saved["engine"]["centre"] = load_file(centre)
             self._dppf_engine.load_state_dict(saved["engine"])
-            self._dppf_engine.verify_ranks()  # every rank resumed from the same step
-        elif checkpoint is not None:
-            logger.warning(
-                "Checkpoint %s has no DPPF worker states: every worker starts from its model and optimizer.",
-                checkpoint,
+            self._dppf_engine.verify_ranks()  # every worker resumed from the same step
+
+    def _dppf_load_optimizer(self, checkpoint: str, worker: str) -> None:
+        """
+        This worker's own optimizer state (under DeepSpeed: its replica's DeepSpeed checkpoint, weights included) and
+        the scheduler, the same on every worker, from a DPPF checkpoint. (The stock resume finds no `optimizer.pt` in
+        it, so it restored neither.)
+        """
+        if self._dppf_groups is not None:
+            load_path, _ = self.model_wrapped.load_checkpoint(
+                worker, tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+            if load_path is None:
+                raise ValueError(f"No DeepSpeed checkpoint in {worker}.")
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            if isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):  # DeepSpeed's checkpoint held it
+                return
+        else:
+            device = "cpu" if self.args.device.type == "cpu" else self.args.device
+            self.optimizer.load_state_dict(
+                torch.load(os.path.join(worker, WORKER_OPTIMIZER_NAME), map_location=device, weights_only=True)
+            )
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _dppf_lr_optimizer(self) -> Any:
         """What holds the learning rate and the state: the torch optimizer, or DeepSpeed's (same `param_groups`)."""
@@ -418,12 +536,8 @@ class DPPFTrainer(Trainer):
         if self.args.should_save and os.path.isdir(staging):
             shutil.rmtree(staging)  # the remains of a crash while saving this step
         self.args.distributed_state.wait_for_everyone()
-        saved_prefix = transformers.trainer.PREFIX_CHECKPOINT_DIR
-        transformers.trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX  # the stock code names the folder from it
-        try:
+        with checkpoint_prefix(STAGING_PREFIX):
             super()._save_checkpoint(model, trial)
-        finally:
-            transformers.trainer.PREFIX_CHECKPOINT_DIR = saved_prefix
         self.args.distributed_state.wait_for_everyone()  # every rank's files are in the staging folder
         if self.args.should_save:
             if self.state.best_model_checkpoint == staging:
@@ -486,16 +600,3 @@ class DPPFTrainer(Trainer):
 
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):  # as the stock
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """With DPPF, each worker loads its own optimizer state (and the shared scheduler) from a DPPF checkpoint."""
-        if self._dppf_groups is not None or not (
-            self.dppf_enabled and checkpoint and os.path.isdir(self._dppf_worker_dir(checkpoint))
-        ):
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        device = "cpu" if self.args.device.type == "cpu" else self.args.device
-        worker = self._dppf_worker_dir(checkpoint)
-        self.optimizer.load_state_dict(
-            torch.load(os.path.join(worker, WORKER_OPTIMIZER_NAME), map_location=device, weights_only=True)
-        )
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
