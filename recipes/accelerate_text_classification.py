@@ -153,9 +153,13 @@ def latest_checkpoint(output_dir: str) -> str:
     return str(max(folders, key=lambda f: f.stat().st_mtime))
 
 
+def build_parser() -> HfArgumentParser:
+    """The recipe's flags: model, data, loop, and `--dppf` with one `--dppf_<field>` per `DPPFConfig` field."""
+    return HfArgumentParser((ModelArguments, DataArguments, LoopArguments, DPPFArguments), description=__doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoopArguments, DPPFArguments), description=__doc__)
-    model_args, data_args, loop, dppf_args = parser.parse_args_into_dataclasses(argv)
+    model_args, data_args, loop, dppf_args = build_parser().parse_args_into_dataclasses(argv)
     trackers = [t.strip() for t in loop.report_to.split(",") if t.strip()]
     log_with = [JSONLinesTracker("run", loop.output_dir) if t == "jsonl" else t for t in trackers]
     accelerator = Accelerator(
