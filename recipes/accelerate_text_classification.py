@@ -42,13 +42,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    get_scheduler,
-)
+from transformers import DataCollatorWithPadding, HfArgumentParser, get_scheduler
 
 from hf_dppf import DPPF
 from hf_dppf.integrations.arguments import DPPFArguments
@@ -57,7 +51,7 @@ from hf_dppf.recipes.metrics import ACCURACY
 
 # the Trainer recipe's model and data flags and loaders (offline defaults included), shared rather than copied
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from text_classification import DataArguments, ModelArguments, load_splits, offline_model_path  # noqa: E402
+from text_classification import DataArguments, ModelArguments, load_model, load_splits  # noqa: E402
 
 
 @dataclass
@@ -174,18 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train, evaluation = load_splits(data_args)
     names = train.features["label"].names
-    model_path = model_args.model_name_or_path or offline_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-    )
-
-    def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        return tokenizer(batch["text"], truncation=True, max_length=data_args.max_seq_length)
+    tokenizer, model, tokenize = load_model(model_args, data_args, names)
 
     with accelerator.main_process_first():
         train = train.map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
