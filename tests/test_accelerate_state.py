@@ -128,7 +128,7 @@ def test_load_state_with_another_number_of_processes_is_refused(tmp_path) -> Non
     assert "has no DPPF state for this rank" in messages[2]
 
 
-def _scaler_skips_on_one_rank(rank: int, world_size: int) -> dict:
+def _scaler_skips_on_one_rank(rank: int, world_size: int, ckpt: str) -> dict:
     accelerator, model, optimizer, scheduler, dppf = _setup(DPPFConfig(tau=2, timeout_s=60), scaler=True)
     skipped, ran = [], []
     with dppf:
@@ -141,15 +141,26 @@ def _scaler_skips_on_one_rank(rank: int, world_size: int) -> dict:
             skipped.append(optimizer.step_was_skipped)
             ran.append(dppf.step())
         assert all(torch.isfinite(p).all() for p in model.parameters())
-        return {"skipped": skipped, "ran": ran, "steps": dppf.stats.steps, "rounds": dppf.stats.rounds}
+        scale = accelerator.scaler.get_scale()  # rank 1 halved its scale at its overflow, rank 0 did not
+        accelerator.save_state(ckpt)
+        accelerator.scaler.update(1.0)
+        accelerator.load_state(ckpt)  # each rank gets its own scaler back (Accelerate's scaler.pt is one rank's)
+        return {
+            "skipped": skipped,
+            "ran": ran,
+            "steps": dppf.stats.steps,
+            "rounds": dppf.stats.rounds,
+            "scales": (scale, accelerator.scaler.get_scale()),
+        }
 
 
-def test_a_step_the_scaler_skips_on_one_rank_counts_on_every_rank() -> None:
-    results = run_distributed(_scaler_skips_on_one_rank, 2, init=False)
+def test_a_step_the_scaler_skips_on_one_rank_counts_on_every_rank(tmp_path) -> None:
+    results = run_distributed(_scaler_skips_on_one_rank, 2, str(tmp_path / "ckpt"), init=False)
     assert results[1]["skipped"] == [False, False, True, False, False, False]
     assert not any(results[0]["skipped"])
     for r in results:  # the same steps and rounds on both ranks; no hang (timeout_s and the harness's timeout)
         assert r["steps"] == 6 and r["rounds"] == 3 and r["ran"] == [False, True] * 3
+    assert results[0]["scales"] == (2.0**10, 2.0**10) and results[1]["scales"] == (2.0**9, 2.0**9)
 
 
 class RecordingTracker:

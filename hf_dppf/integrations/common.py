@@ -114,15 +114,15 @@ def save_worker_state(
     """
     Write this worker's own weights (safetensors), optimizer state, engine state (JSON; easgd's centre in
     safetensors) and the world size into `folder`. An overlapped round in flight lands first (a collective: call it on
-    every rank). `extra` maps a name to a small `state_dict()` saved as `<name>.pt` (e.g. a grad scaler's).
+    every rank). `extra` maps a name to an object whose `state_dict()` is saved as `<name>.pt` (e.g. a grad scaler).
     """
     engine.finish()
     os.makedirs(folder, exist_ok=True)
     save_model(module, os.path.join(folder, WORKER_WEIGHTS_NAME), force_contiguous=True)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(folder, WORKER_OPTIMIZER_NAME))
-    for name, state in (extra or {}).items():
-        torch.save(state, os.path.join(folder, f"{name}.pt"))
+    for name, obj in (extra or {}).items():
+        torch.save(obj.state_dict(), os.path.join(folder, f"{name}.pt"))
     state = engine.state_dict()
     centre = state.pop("centre", {})
     if centre:
