@@ -21,7 +21,8 @@ otherwise.
 
 After each epoch it evaluates `--metric` (default: accuracy) on the workers' average; at the end the main process
 prints one JSON line: the metric of the final model (under DPPF the average every worker holds after the block), the
-optimizer steps, and the rounds and bytes the rounds sent per worker. The final model is saved to `--output_dir`.
+optimizer steps, the rounds, and the bytes each worker sent in training and in all. The final model is saved to
+`--output_dir`.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         return {f"eval_{k}": v for k, v in metric.compute(**json.loads(data_args.metric_kwargs)).items()}
 
-    completed, start_epoch, skip = 0, 0, 0
+    completed, start_epoch, skip, train_bytes = 0, 0, 0, 0
     progress = tqdm(total=max_steps, disable=not accelerator.is_local_main_process, desc="train")
     start = time.perf_counter()
     with DPPF(
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if not accelerator.sync_gradients:
                     continue
                 completed += 1
+                train_bytes = dppf.stats.bytes_communicated  # the rounds' bytes, before any averaging for evaluation
                 progress.update(1)
                 s = dppf.stats
                 postfix = {"loss": f"{loss.item():.3f}"}
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             if completed >= max_steps:
                 break
         last = dppf.stats  # before the exit average: the statistics of the last regular round
-        rounds, sent, width = last.rounds, last.bytes_communicated, last.mean_distance
+        rounds, width = last.rounds, last.mean_distance
     progress.close()
     # after the block every worker holds the average: the model a user saves and evaluates
     summary = {
@@ -290,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dppf": dppf_args.dppf,
         "optimizer_steps": completed,
         "rounds": rounds,
-        "round_bytes_per_worker": sent,
-        "total_bytes_per_worker": dppf.stats.bytes_communicated,
+        "train_bytes_per_worker": train_bytes,  # sent by this worker in training (the rounds and a start-up check)
+        "total_bytes_per_worker": dppf.stats.bytes_communicated,  # plus the averages for evaluation and at the end
         "valley_width": width,
         "train_s": time.perf_counter() - start,
         **evaluate_model(),
