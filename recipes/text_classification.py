@@ -121,16 +121,11 @@ def load_splits(args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset
     return load_classification_splits(args, "text", load_bbc_news)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, SAMTrainingArguments), RECIPE_DEFAULTS, __doc__, argv
-    )
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-
-    train, evaluation = load_splits(data_args)
-    names = train.features["label"].names
-
+def load_model(model_args: ModelArguments, data_args: DataArguments, names: list[str]) -> tuple[Any, Any, Any]:
+    """
+    The tokenizer, the pretrained model with a classification head for `names`, and the batched `tokenize` function
+    for `datasets.map` (truncation at `--max_seq_length`). `recipes/accelerate_text_classification.py` shares it.
+    """
     model_path = model_args.model_name_or_path or offline_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -143,6 +138,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         return tokenizer(batch["text"], truncation=True, max_length=data_args.max_seq_length)
+
+    return tokenizer, model, tokenize
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, SAMTrainingArguments), RECIPE_DEFAULTS, __doc__, argv
+    )
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    train, evaluation = load_splits(data_args)
+    names = train.features["label"].names
+    tokenizer, model, tokenize = load_model(model_args, data_args, names)
 
     with training_args.main_process_first(desc="tokenization"):
         train = train.map(tokenize, batched=True, remove_columns=["text"])

@@ -7,8 +7,8 @@ How users run DPPF: the ways into the engine from Accelerate, the Hugging Face `
   ZeRO's shards; usable from a plain DeepSpeed loop, and the layer `DPPFTrainer` runs under DeepSpeed;
 - `arguments.py`: `DPPFArguments`, the `--dppf` flags for any `HfArgumentParser` script (`DPPFTrainingArguments`
   adds them to `TrainingArguments`);
-- `common.py`: the per-step helpers every integration shares (push schedule, DDP silencing, optimizer unwrapping,
-  resets after a round).
+- `common.py`: the helpers every integration shares (push schedule, DDP silencing, optimizer unwrapping, resets after
+  a round, one worker's resume files in a checkpoint).
 
 Imports: `hf_dppf.config`, `hf_dppf.strategies` and `hf_dppf.engine` (data flows config -> engine <- integrations),
 and within this package only the shared layers `common.py`, `arguments.py` and `deepspeed.py`. `accelerate.py` and

@@ -1,8 +1,10 @@
 """
 `DPPF`: the context manager that turns a plain Accelerate loop into DPPF training.
 
-The block silences DDP, counts optimizer steps by a hook on the optimizer, runs the engine's round when one is due and
-leaves every worker holding the average on exit. The per-step helpers it shares with `DPPFTrainer` are in `common.py`.
+The block silences DDP, counts optimizer steps (every rank the same ones, even when a grad scaler skips a step on one
+rank), runs the engine's round when one is due, logs the engine's statistics to the accelerator's trackers, makes
+`accelerator.save_state` / `load_state` save and restore every worker exactly, and leaves every worker holding the
+average on exit. The helpers it shares with `DPPFTrainer` are in `common.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ import torch
 from ..config import DPPFConfig
 from ..engine import DPPFConsensus, DPPFStats
 from ..strategies import STRATEGIES
-from .common import after_round, initial_lr, inner_optimizer, lr_push_scale, restore_ddp, silence_ddp
+from .common import (
+    after_round,
+    check_worker_state,
+    initial_lr,
+    inner_optimizer,
+    load_worker_state,
+    lr_push_scale,
+    restore_ddp,
+    save_worker_state,
+    silence_ddp,
+    worker_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +50,24 @@ class DPPF:
     Local steps inside the block, a DPPF consensus round every `config.tau` optimizer steps.
 
     Inside the block the (DDP-wrapped) model sends no gradient all-reduce and no buffer broadcast at all, for any
-    number of micro-batches, with or without `accelerator.accumulate`. Optimizer steps are counted by a hook on the
-    optimizer, so a step skipped by the fp16 grad scaler or by gradient accumulation does not count; the round runs
-    right after the step that completes it. On a normal exit every worker is set to the average (or, with
-    `average_on_exit=False`, a last DPPF round runs), so `accelerator.save_model` saves the consensus model.
+    number of micro-batches, with or without `accelerator.accumulate`. Optimizer steps are counted where every rank
+    agrees on them: at each call of the prepared optimizer's `step()` that is a real step (`sync_gradients`, so
+    accumulation micro-batches do not count), including a step the fp16 grad scaler skips on this rank (it skipped
+    the step, not the round: the workers compute different gradients, so one rank may overflow alone). The round runs
+    right after the step that completes it, before `lr_scheduler.step()`, so `lam_schedule="lr"` scales its push by
+    `lr_t / lr_0` with `lr_t` the learning rate of that step. (A raw torch optimizer is counted by a post-step hook,
+    which a `GradScaler` skip does not reach: prepare the optimizer with Accelerate when using fp16.)
+
+    `accelerator.save_state(d)` inside the block also writes every worker's own weights (safetensors), optimizer and
+    grad-scaler state and the engine's state (step counter, statistics, easgd's centre; an overlapped round in flight
+    lands first) to `d/dppf/rank{r}/`; `accelerator.load_state(d)` inside a block restores them on every rank after
+    Accelerate's own state (scheduler, RNG, dataloader), so the run continues exactly. Loading needs the same number
+    of processes (otherwise a `ValueError` says so) and must happen inside the block: the block registers itself for
+    checkpointing, and a checkpoint written without DPPF is loaded before entering it. When the accelerator has
+    trackers (`accelerator.init_trackers`), the engine's statistics (`dppf/valley_width`, `dppf/lam`, `dppf/bytes`,
+    ...) go to `accelerator.log` after every round, or every `log_every` optimizer steps, at `step=` the number of
+    optimizer steps. On a normal exit every worker is set to the average (or, with `average_on_exit=False`, a last
+    DPPF round runs), so `accelerator.save_model` saves the consensus model.
 
     The baselines need a little more from the loop: `strategy="lsgd"` needs each worker's training loss, fed with
     `dppf.observe(loss=loss)` before the `optimizer.step()` that may complete a round; `strategy="grawa"` needs the
@@ -57,6 +84,8 @@ class DPPF:
         config (`DPPFConfig`, *optional*): defaults to `DPPFConfig()`.
         average_on_exit (`bool`, defaults to `True`): leave every worker holding the average when the block ends.
         enabled (`bool`, defaults to `True`): `False` makes the block a no-op, so one flag switches DPPF off.
+        log_every (`int`, *optional*): log the statistics to the trackers every `log_every` optimizer steps; by
+            default after every round.
 
     Example:
         ```python
@@ -80,7 +109,12 @@ class DPPF:
         *,
         average_on_exit: bool = True,
         enabled: bool = True,
+        log_every: int | None = None,
     ) -> None:
+        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1):
+            raise ValueError(f"log_every={log_every!r} is invalid: it must be an integer >= 1 (or None: every round).")
+        # Accelerate's optimizer (it has a gradient state): its steps are counted even when its grad scaler skips one
+        self._accelerated_optimizer = optimizer if hasattr(optimizer, "gradient_state") else None
         self.accelerator = accelerator
         self.model = model
         self.optimizer = inner_optimizer(optimizer) if optimizer is not None else None
@@ -95,6 +129,9 @@ class DPPF:
         self._lr0 = 0.0
         self._pre_hook = None
         self._grad_norm_fed = False
+        self.log_every = log_every
+        self._checkpoint_hooks: list = []
+        self._loading_from: str | None = None
 
     # ------------------------------------------------------------------ DDP silencing
     def _silence_ddp(self) -> None:
@@ -121,16 +158,21 @@ class DPPF:
         self._silence_ddp()
         if self.optimizer is not None:
             self._lr0 = initial_lr(self.optimizer)
-            self._hook = self.optimizer.register_step_post_hook(lambda *_: self._on_optimizer_step())
+            if self._accelerated_optimizer is not None:
+                self._hook = _StepCounter(self._accelerated_optimizer, self._on_optimizer_step)
+            else:
+                self._hook = self.optimizer.register_step_post_hook(lambda *_: self._on_optimizer_step())
             if "grad_norm" in STRATEGIES[self.config.strategy].needs:
                 self._pre_hook = self.optimizer.register_step_pre_hook(lambda *_: self._on_pre_optimizer_step())
+        self._register_checkpointing()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for hook in (self._hook, self._pre_hook):
+        for hook in (self._hook, self._pre_hook, *self._checkpoint_hooks):
             if hook is not None:
                 hook.remove()
         self._hook = self._pre_hook = None
+        self._checkpoint_hooks = []
         try:
             # After an exception the other ranks may not reach a collective: finish without one.
             if self.engine is not None and exc_type is None:
@@ -171,8 +213,46 @@ class DPPF:
 
     def _on_optimizer_step(self) -> None:
         self._silence_ddp()
-        if self.engine.step(self._push_scale()):
+        ran = self.engine.step(self._push_scale())
+        if ran:
             after_round(self.engine, self.optimizer)
+        due = ran if self.log_every is None else self.engine.stats.steps % self.log_every == 0
+        if due:
+            self._log()
+
+    def _log(self) -> None:
+        """The engine's statistics to the accelerator's trackers (if it has any; `accelerator.log` is main-only)."""
+        if getattr(self.accelerator, "trackers", None):
+            self.accelerator.log(self.engine.stats.to_logs(), step=self.engine.stats.steps)
+
+    # ------------------------------------------------------------------ save_state / load_state
+    def _register_checkpointing(self) -> None:
+        """Hook into `accelerator.save_state` / `load_state` (removed on exit)."""
+        if self.accelerator is None or not hasattr(self.accelerator, "register_save_state_pre_hook"):
+            return
+        self.accelerator.register_for_checkpointing(self)  # `load_state` restores us after Accelerate's own state
+        self._checkpoint_hooks = [
+            self.accelerator.register_save_state_pre_hook(self._save_state_hook),
+            self.accelerator.register_load_state_pre_hook(self._load_state_hook),
+            _Unregister(self.accelerator._custom_objects, self),
+        ]
+
+    def _save_state_hook(self, models: list, weights: list, output_dir: str) -> None:
+        # Every rank: its own weights, optimizer, scaler and engine state (Accelerate keeps only rank 0's model and
+        # optimizer). The round in flight lands in place, so Accelerate's copy of rank 0's weights agrees.
+        save_worker_state(
+            worker_dir(output_dir, self.engine.rank), self.engine.module, self.optimizer, self.engine, self._extra()
+        )
+
+    def _load_state_hook(self, models: list, input_dir: str) -> None:
+        # Before Accelerate loads anything: refuse a checkpoint of another world size; the worker's own state is
+        # loaded last, by `load_state_dict` (registered for checkpointing), over Accelerate's rank-0 copies.
+        check_worker_state(worker_dir(input_dir, self.engine.rank), self.engine.world_size, input_dir)
+        self._loading_from = input_dir
+
+    def _extra(self) -> dict[str, Any]:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return {"scaler": scaler} if scaler is not None else {}
 
     def step(self) -> bool:
         """
@@ -207,9 +287,52 @@ class DPPF:
         if self.engine is None:
             return {}
         self.engine.finish()
-        return self.engine.state_dict()
+        return {**self.engine.state_dict(), "world_size": self.engine.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the engine's step counter and statistics, then check that every rank agrees (a collective)."""
-        self.engine.load_state_dict(state)
+        """
+        Within `accelerator.load_state(d)`: restore this worker's own weights, optimizer, scaler and engine state from
+        `d/dppf/rank{r}/`. Called directly: restore the engine's step counter and statistics from `state`. Either way
+        every rank then checks that all resumed from the same step (a collective).
+        """
+        if self.engine is None:
+            return
+        if self._loading_from is not None:
+            folder, self._loading_from = worker_dir(self._loading_from, self.engine.rank), None
+            load_worker_state(folder, self.engine.module, self.optimizer, self.engine, self._extra())
+            return
+        self.engine.load_state_dict({k: v for k, v in state.items() if k != "world_size"})
         self.engine.verify_ranks()
+
+
+class _StepCounter:
+    """
+    Calls `callback` after each real step of an Accelerate `AcceleratedOptimizer` (`sync_gradients`), whether or not
+    its grad scaler skipped it, by wrapping the instance's `step`; `remove()` unwraps it.
+    """
+
+    def __init__(self, optimizer: Any, callback: Any) -> None:
+        self.optimizer = optimizer
+        original = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if optimizer.gradient_state.sync_gradients:
+                callback()
+            return out
+
+        optimizer.step = step
+
+    def remove(self) -> None:
+        self.optimizer.__dict__.pop("step", None)
+
+
+class _Unregister:
+    """A handle that takes `obj` out of the accelerator's checkpointed objects."""
+
+    def __init__(self, objects: list, obj: Any) -> None:
+        self.objects, self.obj = objects, obj
+
+    def remove(self) -> None:
+        if any(o is self.obj for o in self.objects):
+            del self.objects[next(i for i, o in enumerate(self.objects) if o is self.obj)]

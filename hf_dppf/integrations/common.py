@@ -1,16 +1,20 @@
 """
 What every integration does around the engine at each optimizer step, written once: the push schedule (`initial_lr`,
-`lr_push_scale`), DDP silencing (`silence_ddp`, `restore_ddp`), optimizer unwrapping (`inner_optimizer`) and the
-resets after a round (`after_round`). The DPPF block (`accelerate.py`) and `DPPFTrainer` (`trainer.py`) both call
-these, so they never import one another. Imports: torch, `hf_dppf.config` and `hf_dppf.engine` only.
+`lr_push_scale`), DDP silencing (`silence_ddp`, `restore_ddp`), optimizer unwrapping (`inner_optimizer`), the resets
+after a round (`after_round`), and one worker's resume files in a checkpoint (`save_worker_state`,
+`load_worker_state`). The DPPF block (`accelerate.py`) and `DPPFTrainer` (`trainer.py`) both call these, so they never
+import one another. Imports: torch, safetensors, `hf_dppf.config` and `hf_dppf.engine` only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..config import DPPFConfig
 from ..engine import DPPFConsensus
@@ -85,3 +89,91 @@ def restore_ddp(model: torch.nn.Module, flags: dict[str, bool]) -> None:
     """Give a DDP module back the flags that `silence_ddp` returned."""
     for name, value in flags.items():
         setattr(model, name, value)
+
+
+# One worker's resume state inside a checkpoint: `<checkpoint>/dppf/rank{r}/` (the Trainer's layout too).
+DPPF_CHECKPOINT_DIR = "dppf"
+WORKER_WEIGHTS_NAME = "model.safetensors"
+WORKER_OPTIMIZER_NAME = "optimizer.pt"
+WORKER_STATE_NAME = "dppf_state.json"
+WORKER_CENTRE_NAME = "centre.safetensors"  # easgd's centre variable (engine state that is tensors)
+
+
+def worker_dir(checkpoint: str, rank: int) -> str:
+    """Where rank `rank` keeps its own weights, optimizer and engine state in `checkpoint`."""
+    return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, f"rank{rank}")
+
+
+def save_worker_state(
+    folder: str,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    engine: DPPFConsensus,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """
+    Write this worker's own weights (safetensors), optimizer state, engine state (JSON; easgd's centre in
+    safetensors) and the world size into `folder`. An overlapped round in flight lands first (a collective: call it on
+    every rank). `extra` maps a name to an object whose `state_dict()` is saved as `<name>.pt` (e.g. a grad scaler).
+    """
+    engine.finish()
+    os.makedirs(folder, exist_ok=True)
+    save_model(module, os.path.join(folder, WORKER_WEIGHTS_NAME), force_contiguous=True)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(folder, WORKER_OPTIMIZER_NAME))
+    for name, obj in (extra or {}).items():
+        torch.save(obj.state_dict(), os.path.join(folder, f"{name}.pt"))
+    state = engine.state_dict()
+    centre = state.pop("centre", {})
+    if centre:
+        save_file({k: v.contiguous() for k, v in centre.items()}, os.path.join(folder, WORKER_CENTRE_NAME))
+    with open(os.path.join(folder, WORKER_STATE_NAME), "w") as f:
+        json.dump({"world_size": engine.world_size, "engine": state}, f, indent=2)
+
+
+def check_worker_state(folder: str, world_size: int, checkpoint: str) -> None:
+    """Raise a clear `ValueError` unless `folder` holds a worker state written by `world_size` workers."""
+    path = os.path.join(folder, WORKER_STATE_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"Checkpoint {checkpoint} has no DPPF state for this rank ({path} is missing): it was written by fewer "
+            f"DPPF workers than this run's {world_size}, or without DPPF. An exact resume needs the same number of "
+            "processes; to start a new run from it, load its model without resuming."
+        )
+    with open(path) as f:
+        saved = json.load(f)["world_size"]
+    if saved != world_size:
+        raise ValueError(
+            f"Checkpoint {checkpoint} was written by {saved} DPPF workers, this run has {world_size}: an exact resume "
+            "needs the same number of processes. To start a new run from it, load its model without resuming."
+        )
+
+
+def load_worker_state(
+    folder: str,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    engine: DPPFConsensus,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """
+    Restore what `save_worker_state` wrote: the weights are copied into the parameters in place (the engine's flat
+    buffers stay), then the optimizer state, each `extra` object's `load_state_dict`, and the engine's state; every
+    rank then checks that all resumed from the same step (a collective).
+    """
+    engine.finish()  # a round of the run before the load must not land on the loaded weights
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    load_model(module, os.path.join(folder, WORKER_WEIGHTS_NAME), device=str(device))
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            torch.load(os.path.join(folder, WORKER_OPTIMIZER_NAME), map_location=device, weights_only=True)
+        )
+    for name, obj in (extra or {}).items():
+        obj.load_state_dict(torch.load(os.path.join(folder, f"{name}.pt"), weights_only=True))
+    with open(os.path.join(folder, WORKER_STATE_NAME)) as f:
+        state = json.load(f)["engine"]
+    centre = os.path.join(folder, WORKER_CENTRE_NAME)
+    if os.path.isfile(centre):
+        state["centre"] = load_file(centre, device=str(device))
+    engine.load_state_dict(state)
+    engine.verify_ranks()
