@@ -29,17 +29,26 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..engine import DPPFConsensus
 from .arguments import DPPFArguments
-from .common import after_round, initial_lr, inner_optimizer, lr_push_scale, restore_ddp, silence_ddp
+from .common import (
+    DPPF_CHECKPOINT_DIR,
+    WORKER_CENTRE_NAME,
+    WORKER_OPTIMIZER_NAME,
+    WORKER_STATE_NAME,
+    WORKER_WEIGHTS_NAME,
+    after_round,
+    initial_lr,
+    inner_optimizer,
+    lr_push_scale,
+    restore_ddp,
+    silence_ddp,
+    worker_dir,
+)
 from .deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage, zero_stage_of
 
 logger = logging.getLogger(__name__)
 
-# Inside a checkpoint folder: `dppf/rank{r}/` holds worker r's own weights, optimizer state and engine state.
-DPPF_CHECKPOINT_DIR = "dppf"
-WORKER_WEIGHTS_NAME = "model.safetensors"
-WORKER_OPTIMIZER_NAME = "optimizer.pt"
-WORKER_STATE_NAME = "dppf_state.json"
-WORKER_CENTRE_NAME = "centre.safetensors"  # easgd's centre variable (engine state that is tensors)
+# Inside a checkpoint folder: `dppf/rank{r}/` holds worker r's own weights, optimizer state and engine state (the
+# layout the Accelerate block writes too: its names live in `common.py`).
 # Under DeepSpeed: `dppf/replica{k}/` holds replica k's DeepSpeed checkpoint (its ZeRO shards) and engine state.
 REPLICA_DIR = "replica{}"
 DEEPSPEED_TAG = "deepspeed"  # a fixed tag: DeepSpeed's `latest` file is written by global rank 0 only
@@ -318,7 +327,7 @@ class DPPFTrainer(Trainer):
     def _dppf_worker_dir(self, checkpoint: str) -> str:
         if self._dppf_groups is not None:
             return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, REPLICA_DIR.format(self._dppf_groups.replica_index))
-        return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, f"rank{self.args.process_index}")
+        return worker_dir(checkpoint, self.args.process_index)
 
     def _dppf_silence(self) -> None:
         self._dppf_ddp_flags = silence_ddp(self.model_wrapped, self._dppf_ddp_flags)
