@@ -144,7 +144,9 @@ def _scaler_skips_on_one_rank(rank: int, world_size: int, ckpt: str) -> dict:
         scale = accelerator.scaler.get_scale()  # rank 1 halved its scale at its overflow, rank 0 did not
         accelerator.save_state(ckpt)
         accelerator.scaler.update(1.0)
-        accelerator.load_state(ckpt)  # each rank gets its own scaler back (Accelerate's scaler.pt is one rank's)
+        # right after the save: the block's load hook waits for rank 0 to finish writing Accelerate's files; each rank
+        # gets its own scaler back (Accelerate's scaler.pt is one rank's)
+        accelerator.load_state(ckpt)
         return {
             "skipped": skipped,
             "ran": ran,

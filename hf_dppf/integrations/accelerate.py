@@ -246,7 +246,9 @@ class DPPF:
 
     def _load_state_hook(self, models: list, input_dir: str) -> None:
         # Before Accelerate loads anything: refuse a checkpoint of another world size; the worker's own state is
-        # loaded last, by `load_state_dict` (registered for checkpointing), over Accelerate's rank-0 copies.
+        # loaded last, by `load_state_dict` (registered for checkpointing), over Accelerate's rank-0 copies. First wait
+        # for every rank: a `load_state` right after a `save_state` must not read files rank 0 is still writing.
+        self.accelerator.wait_for_everyone()
         check_worker_state(worker_dir(input_dir, self.engine.rank), self.engine.world_size, input_dir)
         self._loading_from = input_dir
 
