@@ -79,10 +79,10 @@ class Bucket:
         """The tensors into the wire buffer (cast to the wire dtype): one op."""
         torch._foreach_copy_(self.views, self.tensors)
 
-    def ensure_centre(self, saved: dict[str, torch.Tensor]) -> bool:
+    def ensure_centre(self) -> bool:
         """
-        Allocate the centre buffer (in the tensors' dtype) if there is none, and make `saved` hold its views by name.
-        Returns whether it was newly made (its contents are then undefined: the caller fills it).
+        Allocate the centre buffer (in the tensors' dtype) and its views if there is none. Returns whether it was newly
+        made (its contents are then undefined: the caller fills it and records its views by name).
         """
         if self.centre is not None:
             return False

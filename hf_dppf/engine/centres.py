@@ -34,7 +34,7 @@ def ensure_centre(params: list[Bucket], saved: dict[str, torch.Tensor], initial:
     or a checkpoint was loaded.
     """
     for b in params:
-        if not b.ensure_centre(saved):
+        if not b.ensure_centre():
             continue
         starts = b.views if initial == "average" else b.tensors
         for key, x, start, z in zip(b.keys, b.tensors, starts, b.centre_views):

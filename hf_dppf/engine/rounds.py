@@ -205,9 +205,8 @@ def keep_average(buckets: list[Bucket], anchors: dict[str, torch.Tensor], k: int
     for b in buckets:
         if not b.is_param:
             continue
-        b.ensure_centre(anchors)
-        for key, z in zip(b.keys, b.centre_views):
-            anchors[key] = z
+        if b.ensure_centre():  # views are recorded by name once per buffer, not every round
+            anchors.update(zip(b.keys, b.centre_views))
         if exact:
             b.centre.copy_(b.comm)
         elif b.same_dtype:
