@@ -232,17 +232,34 @@ def _gloo_events(prof: Any) -> Iterator[tuple[str, list[list[int]], list[str]]]:
 
 # torch.distributed calls that move data between ranks (barriers included: they synchronise replicas too).
 _COLLECTIVE_FUNCTIONS = (
-    "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+    "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_single",
     "_all_gather_base", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
     "all_to_all", "all_to_all_single", "gather", "scatter", "all_gather_object", "broadcast_object_list",
     "gather_object", "scatter_object_list", "send", "recv", "isend", "irecv", "barrier", "monitored_barrier",
 )  # fmt: skip
 
 
+class CollectiveCalls(list):
+    """`(function, global ranks of its group)` per call, and in `sent` the bytes of the tensor each call sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[int] = []
+
+    def bytes_over(self, ranks: tuple[int, ...]) -> int:
+        """The bytes sent by the calls whose group is exactly `ranks`."""
+        return sum(n for (_, group), n in zip(self, self.sent) if group == ranks)
+
+
+# the argument that holds what a collective sends (the others are outputs)
+_SENT_ARGUMENT = {n: "input_tensor" for n in ("all_gather_into_tensor", "all_gather_single", "_all_gather_base")}
+
+
 @contextmanager
-def record_collective_groups(*captured: tuple[Any, str]) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
+def record_collective_groups(*captured: tuple[Any, str]) -> Iterator[CollectiveCalls]:
     """
-    Record `(function, global ranks of its group)` for every torch.distributed collective called inside the block.
+    Record `(function, global ranks of its group)` for every torch.distributed collective called inside the block,
+    and the bytes of the tensor it sends (`.sent`, 0 for a call without one).
 
     Args:
         *captured: `(object, attribute)` pairs holding references to torch.distributed functions taken before the
@@ -250,15 +267,18 @@ def record_collective_groups(*captured: tuple[Any, str]) -> Iterator[list[tuple[
     """
     import inspect
 
-    calls: list[tuple[str, tuple[int, ...]]] = []
+    calls = CollectiveCalls()
     world = tuple(range(dist.get_world_size()))
 
     def wrap(fn: Callable, name: str) -> Callable:
         signature = inspect.signature(fn)
 
         def recorder(*args: Any, **kwargs: Any) -> Any:
-            group = signature.bind_partial(*args, **kwargs).arguments.get("group")
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+            group = arguments.get("group")
             calls.append((name, world if group is None else tuple(dist.get_process_group_ranks(group))))
+            sent = arguments.get(_SENT_ARGUMENT.get(name, "tensor"))
+            calls.sent.append(sent.numel() * sent.element_size() if isinstance(sent, torch.Tensor) else 0)
             return fn(*args, **kwargs)
 
         return recorder

@@ -106,20 +106,25 @@ class BucketLayout:
     Args:
         params_or_module (`torch.nn.Module` or list of `torch.Tensor`): what the engine moves.
         bucket_mb (`float`): the target size of a bucket on the wire, MiB.
-        comm_dtype (`str`): the wire dtype, a key of `COMM_DTYPES` (float64 tensors always travel as float64).
+        comm_dtype (`str`, *optional*): the wire dtype, a key of `COMM_DTYPES` (float64 tensors always travel as
+            float64); `None` keeps every tensor's own dtype.
         fallback_device (`torch.device`, *optional*): where small tensors go when there is no tensor at all.
+        pad_to (`int`, defaults to 1): every flat buffer's length is rounded up to a multiple of this (zeros at the
+            end), so that it splits into `pad_to` equal shards.
     """
 
     def __init__(
         self,
         params_or_module: torch.nn.Module | list[torch.Tensor],
         bucket_mb: float,
-        comm_dtype: str,
+        comm_dtype: str | None,
         fallback_device: torch.device | None = None,
+        pad_to: int = 1,
     ) -> None:
         self.module = params_or_module if isinstance(params_or_module, torch.nn.Module) else None
         self.explicit = None if self.module is not None else list(params_or_module)
-        self.bucket_mb, self.comm_dtype = bucket_mb, COMM_DTYPES[comm_dtype]
+        self.bucket_mb, self.pad_to = bucket_mb, pad_to
+        self.comm_dtype = COMM_DTYPES[comm_dtype] if comm_dtype is not None else None
         self.fallback_device = fallback_device or torch.device(
             "cpu"
         )  # with no tensor at all (the current GPU under nccl)
@@ -148,7 +153,7 @@ class BucketLayout:
         return (params + buffers)[0].device if params + buffers else self.fallback_device
 
     def wire_dtype(self, t: torch.Tensor) -> torch.dtype:
-        return torch.float64 if t.dtype == torch.float64 else self.comm_dtype
+        return t.dtype if t.dtype == torch.float64 or self.comm_dtype is None else self.comm_dtype
 
     def ensure(self) -> list[Bucket]:
         """The buckets, (re)built when the set, shapes or storage of the tensors changed since the last call."""
@@ -182,11 +187,18 @@ class BucketLayout:
                 lists[-1].append(t)
             for (device, _, wire), lists in groups.items():
                 for ts in lists:
-                    comm = _reuse(old, len(buckets), sum(t.numel() for t in ts), wire, device)
+                    numel = -(-sum(t.numel() for t in ts) // self.pad_to) * self.pad_to
+                    comm = _reuse(old, len(buckets), numel, wire, device)
                     buckets.append(Bucket(is_param, [t.detach() for t in ts], [names[id(t)] for t in ts], comm))
         _share_scratch(buckets)
         self.buckets = buckets
         logger.debug("DPPF: %d buckets over %d tensors", len(buckets), len(params) + len(buffers))
+
+    def load(self) -> None:
+        """Nothing to do: the buckets read the module's tensors themselves (`ReplicaLayout` copies them in)."""
+
+    def publish(self, comm: Any) -> None:
+        """Nothing to do: the rounds wrote the module's tensors themselves (`ReplicaLayout` gathers its shards)."""
 
     def all_tensors(self) -> list[torch.Tensor]:
         return [t for b in self.buckets for t in b.tensors]

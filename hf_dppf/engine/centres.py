@@ -181,14 +181,13 @@ def centre_round(
     """
     buckets = layout.ensure()
     device = layout.device()
-    if rule.centre == "leader":  # a NaN loss never leads
-        loss = torch.as_tensor(observed["loss"], dtype=torch.float64, device=device).reshape(1)
-        value_t = torch.where(torch.isfinite(loss), loss, math.inf)
-    else:
-        grad_norm = torch.as_tensor(observed["grad_norm"], dtype=torch.float64, device=device).reshape(1)
-        value_t = grawa_weight(grad_norm, config.eps)
-    if comm.sharded:  # a sharded worker: its ranks' losses (or norms) make one value
+    value_t = torch.as_tensor(observed[rule.needs[0]], dtype=torch.float64, device=device).reshape(1)
+    if comm.sharded:  # a worker of several ranks: the mean of its ranks' losses (or gradient norms) is its value
         value_t = comm.over_shards(value_t) / dist.get_world_size(comm.norm_group)
+    if rule.centre == "leader":  # a NaN loss never leads
+        value_t = torch.where(torch.isfinite(value_t), value_t, math.inf)
+    else:
+        value_t = grawa_weight(value_t, config.eps)
     shared = torch.zeros(comm.world_size, dtype=torch.float64, device=device)
     shared[comm.rank] = torch.where(health.local_bad(layout, comm) == 0, value_t[0], math.nan)
     comm.all_reduce(shared)

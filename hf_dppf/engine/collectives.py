@@ -16,6 +16,9 @@ import torch.distributed as dist
 
 from .stats import DPPFStats
 
+# torch 2.13 renamed `all_gather_into_tensor` (deprecated there) to `all_gather_single`; the floor, 2.11, has the old name
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class Collectives:
     """
@@ -56,19 +59,22 @@ class Collectives:
         """Where small tensors go when the engine has no tensor to take it from: the current GPU under nccl."""
         return torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
 
-    def _count(self, tensor: torch.Tensor) -> None:
+    def _count(self, tensor: torch.Tensor, shards: bool = False) -> None:
         if self.nccl and tensor.device.type != "cuda":
             raise ValueError(
                 f"DPPF: the process group's backend is nccl but a tensor to communicate is on {tensor.device}: nccl "
                 "only moves GPU tensors. Move the model to its GPU before DPPF sees it, or use gloo for CPU tensors."
             )
         stats = self._stats()
-        stats.bytes_communicated += tensor.numel() * tensor.element_size()
+        size = tensor.numel() * tensor.element_size()
+        stats.bytes_communicated += size
         stats.collective_calls += 1
+        if shards:
+            stats.replica_bytes += size
 
     def all_reduce(self, tensor: torch.Tensor, async_op: bool = False, shards: bool = False) -> Any:
         """SUM all-reduce over the workers (over this worker's shards with `shards=True`); counted."""
-        self._count(tensor)
+        self._count(tensor, shards)
         group = self.norm_group if shards else self.group
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
         if async_op:
@@ -90,6 +96,14 @@ class Collectives:
         """All-gather `tensor` from every worker into `outputs`; counted."""
         self._count(tensor)
         self.wait(dist.all_gather(outputs, tensor, group=self.group, async_op=True))
+
+    def gather_shards(self, output: torch.Tensor, shard: torch.Tensor) -> Any:
+        """
+        Start the all-gather of every rank's `shard` of this worker into `output` (`shard` may be this rank's slice of
+        it), over the shard group, asynchronously; counted (what this rank sends).
+        """
+        self._count(shard, shards=True)
+        return _ALL_GATHER_SINGLE(output, shard, group=self.norm_group, async_op=True)
 
     def over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` (a few numbers on the device) summed over this worker's shards, in place; no host read."""

@@ -25,6 +25,7 @@ from ..strategies import CENTRES, STRATEGIES
 from . import centres, health, overlap, rounds
 from .buckets import BucketLayout
 from .collectives import Collectives
+from .replicas import ReplicaLayout
 from .stats import DPPFStats, Observations, build_state, parse_state
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ class DPPFConsensus:
             finiteness checks, are added up over this group (one all-reduce of three numbers per round), so every
             shard of a worker is scaled by the same global `r_i` and a worker is healthy only if all its shards are.
             Defaults to none: the tensors are the whole worker.
+        replica_group (`torch.distributed.ProcessGroup`, *optional*):
+            Hierarchical DPPF: the processes that hold the same weights as this one (one replica, whose gradients the
+            integrations average at every step), with `process_group` the processes of the same rank in the other
+            replicas. The round is sharded over the replica: each process moves 1/G of every bucket across replicas
+            and the replica all-gathers the result (`hf_dppf.engine.replicas`). Not with `norm_group`.
 
     Example:
         ```python
@@ -67,6 +73,7 @@ class DPPFConsensus:
         config: DPPFConfig | None = None,
         process_group: dist.ProcessGroup | None = None,
         norm_group: dist.ProcessGroup | None = None,
+        replica_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.config = config if config is not None else DPPFConfig()
         if not isinstance(self.config, DPPFConfig):
@@ -77,10 +84,16 @@ class DPPFConsensus:
                 raise TypeError("params_or_module must be a torch.nn.Module or an iterable of tensors.")
         self.module = params_or_module if isinstance(params_or_module, torch.nn.Module) else None
         self.stats = DPPFStats()
-        self.comm = Collectives(process_group, norm_group, lambda: self.stats, self.config.timeout_s, self._where)
-        cfg = self.config
-        self.layout = BucketLayout(params_or_module, cfg.bucket_mb, cfg.comm_dtype, self.comm.fallback_device())
-        self.group, self.norm_group = process_group, norm_group
+        replicated = _check_replica_group(replica_group, process_group, norm_group, self.config)
+        shards = replica_group if replicated else norm_group
+        self.comm = Collectives(process_group, shards, lambda: self.stats, self.config.timeout_s, self._where)
+        cfg, device = self.config, self.comm.fallback_device()
+        self.layout: BucketLayout | ReplicaLayout = (
+            ReplicaLayout(params_or_module, cfg.bucket_mb, cfg.comm_dtype, device, replica_group)
+            if replicated
+            else BucketLayout(params_or_module, cfg.bucket_mb, cfg.comm_dtype, device)
+        )
+        self.group, self.norm_group, self.replica_group = process_group, shards, replica_group if replicated else None
         self.world_size, self.rank = self.comm.world_size, self.comm.rank
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError(
@@ -139,7 +152,7 @@ class DPPFConsensus:
         self.last_reseeded = False
         self.stats.leader = self.rank if rule.centre == "leader" else -1
         if self.world_size == 1:  # the average is the worker itself: nothing moves and nothing is sent
-            params, _ = self.layout.collect()
+            params = [t for b in self.layout.ensure() if b.is_param for t in b.tensors]  # (a replica's: its shard)
             sq = self._squares(torch._foreach_norm(params) if params else []).tolist()[0]  # the only host read
             if not math.isfinite(sq):
                 self.ensure_finite()  # raises: nothing to re-seed from
@@ -157,6 +170,7 @@ class DPPFConsensus:
             self.stats.leader = outcome.leader
         else:
             raise ValueError(f"strategy {rule.name!r} has centre {rule.centre!r}, expected one of {CENTRES}.")
+        self.layout.publish(self.comm)
         reading = outcome.reading.tolist()  # host read 2
         average_norm = outcome.average_norm if outcome.average_norm is not None else math.sqrt(reading[2])
         self.stats.reseeded_workers += self.world_size - outcome.count
@@ -265,6 +279,7 @@ class DPPFConsensus:
         if pending is None:
             return None
         start = time.perf_counter()
+        self.layout.load()  # (a replica's shards take the current weights)
         landed = overlap.land_round(self.layout, self.comm, self.config, pending.push_scale)
         if landed is None:
             logger.warning(
@@ -273,6 +288,7 @@ class DPPFConsensus:
                 pending.due - self.config.overlap_steps,
             )
             return self.round(pending.push_scale)
+        self.layout.publish(self.comm)
         self.last_reseeded = False
         self.stats.record_round(*landed, pending.blocked_ms + (time.perf_counter() - start) * 1e3)
         return self.stats
@@ -300,12 +316,14 @@ class DPPFConsensus:
                 self.layout, self.comm, self.config, self._where("average for evaluation/saving before round"), True
             )
             rounds.settle(buckets, measure=False)
+            self.layout.publish(self.comm)
         try:
             yield
         finally:
             with torch.no_grad():
                 for b in buckets:
                     torch._foreach_copy_(b.tensors, b.snapshot_views)
+                self.layout.publish(self.comm)
 
     @torch.no_grad()
     def broadcast_parameters(self, src: int = 0) -> None:
@@ -317,6 +335,7 @@ class DPPFConsensus:
             b.copy_in()
             self.comm.broadcast(b.comm, src)
             torch._foreach_copy_(b.tensors, b.views)
+        self.layout.publish(self.comm)
 
     @torch.no_grad()
     def ensure_finite(self) -> bool:
@@ -338,6 +357,7 @@ class DPPFConsensus:
         reseeded = rounds.reseed(self.layout, self.comm, self.config, self._where("check before round"))
         if reseeded is None:
             return False
+        self.layout.publish(self.comm)
         count, mine = reseeded
         self.stats.reseeded_workers += self.world_size - count
         self.last_reseeded = not mine
@@ -362,6 +382,32 @@ class DPPFConsensus:
         self.stats, self._observations, self._centre = parse_state(state, self.config.to_dict())
         for b in self.layout.buckets:  # the centre buffers are made again from the loaded centre at the next round
             b.centre = None
+
+
+def _check_replica_group(
+    replica_group: dist.ProcessGroup | None,
+    process_group: dist.ProcessGroup | None,
+    norm_group: dist.ProcessGroup | None,
+    config: DPPFConfig,
+) -> bool:
+    """Whether the engine runs sharded over a replica of several processes; raises on a combination that cannot."""
+    if replica_group is None or dist.get_world_size(replica_group) == 1:
+        return False
+    if norm_group is not None:
+        raise ValueError(
+            "DPPFConsensus takes norm_group (sharded tensors) or replica_group (replicated ones), not both."
+        )
+    if process_group is None:
+        raise ValueError(
+            "DPPFConsensus with a replica_group needs process_group: the processes of the same rank in every replica "
+            "(the default group would mix the replica's own processes into the round)."
+        )
+    if config.push_mode == "step":
+        raise ValueError(
+            "push_mode='step' is not available with replicas of several processes (replica_size > 1): the per-step "
+            "push would need an all-gather inside the replica at every step. Use push_mode='round'."
+        )
+    return True
 
 
 def _check_push_scale(push_scale: float) -> None:

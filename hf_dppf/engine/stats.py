@@ -28,6 +28,9 @@ class DPPFStats:
         rounds: consensus rounds run (including averaging rounds from `average()`).
         bytes_communicated: payload bytes handed to collectives by this rank (counted per call, not estimated).
         collective_calls: number of collective calls issued by this rank.
+        replica_bytes: the part of `bytes_communicated` sent inside this worker's own ranks (its shard group: under
+            ZeRO or hierarchical DPPF a worker is a replica of several processes, whose round all-gathers its shards
+            and adds up its norms there, on the fast links); the rest crossed between workers.
         distance_before: mean distance of the workers to their average before the last round (to the strategy's
             centre, the point each worker is pulled toward, for easgd, lsgd and grawa).
         mean_distance: mean distance to that point after the last round: the valley width.
@@ -44,6 +47,7 @@ class DPPFStats:
     rounds: int = 0
     bytes_communicated: int = 0
     collective_calls: int = 0
+    replica_bytes: int = 0
     distance_before: float = 0.0
     mean_distance: float = 0.0
     average_norm: float = 0.0
@@ -62,6 +66,7 @@ class DPPFStats:
             f"{prefix}lam": self.lam,
             f"{prefix}rounds": self.rounds,
             f"{prefix}bytes": self.bytes_communicated,
+            f"{prefix}replica_bytes": self.replica_bytes,
             f"{prefix}round_ms": self.last_round_ms,
             f"{prefix}reseeded_workers": self.reseeded_workers,
         }

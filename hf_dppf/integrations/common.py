@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..config import DPPFConfig
@@ -177,3 +179,59 @@ def load_worker_state(
         state["centre"] = load_file(centre, device=str(device))
     engine.load_state_dict(state)
     engine.verify_ranks()
+
+
+@dataclass(frozen=True)
+class ReplicaGroups:
+    """
+    The process groups of a replica-group run: `replica_size` neighbouring ranks form one replica (one DPPF worker),
+    so on a GPU node a replica's every-step traffic stays on the fast links. Under DeepSpeed ZeRO shards the replica;
+    without it every rank holds the whole replica and its gradients are averaged over the replica every step.
+
+    Attributes:
+        replica_size (`int`): processes per replica (its data-parallel degree).
+        num_replicas (`int`): DPPF workers.
+        replica_index (`int`): this process's replica.
+        shard_index (`int`): this process's rank inside its replica (which shard of the round it holds).
+        replica_group (`ProcessGroup`): the ranks of this replica (its data-parallel group).
+        shard_group (`ProcessGroup`): the ranks holding the same shard in every replica (the DPPF round's group).
+        solo_group (`ProcessGroup`): this rank alone (DeepSpeed's model-parallel group: no model parallelism).
+    """
+
+    replica_size: int
+    num_replicas: int
+    replica_index: int
+    shard_index: int
+    replica_group: dist.ProcessGroup
+    shard_group: dist.ProcessGroup
+    solo_group: dist.ProcessGroup
+
+    @classmethod
+    def build(cls, replica_size: int) -> ReplicaGroups:
+        """
+        Create the groups (a collective: every rank of the initialised default group calls it, in the same order).
+
+        Args:
+            replica_size (`int`): processes per replica; must divide the world size.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ReplicaGroups.build needs an initialised torch.distributed process group.")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if isinstance(replica_size, bool) or not isinstance(replica_size, int) or replica_size < 1:
+            raise ValueError(f"replica_size={replica_size!r} is invalid: it must be an integer >= 1.")
+        if world % replica_size:
+            raise ValueError(
+                f"replica_size={replica_size} is invalid for {world} processes: it must divide the number of "
+                f"processes (valid: {[g for g in range(1, world + 1) if world % g == 0]})."
+            )
+        replicas = world // replica_size
+        by_replica = [list(range(k * replica_size, (k + 1) * replica_size)) for k in range(replicas)]
+        by_shard = [list(range(s, world, replica_size)) for s in range(replica_size)]
+        replica_group, _ = dist.new_subgroups_by_enumeration(by_replica)
+        shard_group, _ = dist.new_subgroups_by_enumeration(by_shard)
+        solo_group = (
+            replica_group if replica_size == 1 else dist.new_subgroups_by_enumeration([[r] for r in range(world)])[0]
+        )
+        return cls(
+            replica_size, replicas, rank // replica_size, rank % replica_size, replica_group, shard_group, solo_group
+        )

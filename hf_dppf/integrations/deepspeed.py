@@ -34,7 +34,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from ..config import DPPFConfig
 from ..engine import DPPFConsensus, DPPFStats
+from . import common
 
 logger = logging.getLogger(__name__)
 
@@ -82,59 +82,11 @@ def _load_config(ds_config: dict[str, Any] | str) -> dict[str, Any]:
     return ds_config
 
 
-@dataclass(frozen=True)
-class ReplicaGroups:
+class ReplicaGroups(common.ReplicaGroups):
     """
-    The process groups of a replica-group run, and the model-parallel unit (`mpu`) that hands DeepSpeed the replica's
-    group as its data-parallel group (`deepspeed.initialize(..., mpu=groups)`).
-
-    Attributes:
-        replica_size (`int`): processes per replica (ZeRO's data-parallel degree).
-        num_replicas (`int`): DPPF workers.
-        replica_index (`int`): this process's replica.
-        shard_index (`int`): this process's rank inside its replica (which ZeRO shard it holds).
-        replica_group (`ProcessGroup`): the ranks of this replica (ZeRO's data-parallel group).
-        shard_group (`ProcessGroup`): the ranks holding the same shard in every replica (the DPPF round's group).
-        solo_group (`ProcessGroup`): this rank alone (DeepSpeed's model-parallel group: no model parallelism).
+    `common.ReplicaGroups` as DeepSpeed's model-parallel unit (`mpu`): it hands DeepSpeed the replica's group as its
+    data-parallel group (`deepspeed.initialize(..., mpu=groups)`), and a replica's DeepSpeed config.
     """
-
-    replica_size: int
-    num_replicas: int
-    replica_index: int
-    shard_index: int
-    replica_group: dist.ProcessGroup
-    shard_group: dist.ProcessGroup
-    solo_group: dist.ProcessGroup
-
-    @classmethod
-    def build(cls, replica_size: int) -> ReplicaGroups:
-        """
-        Create the groups (a collective: every rank of the initialised default group calls it, in the same order).
-
-        Args:
-            replica_size (`int`): processes per replica; must divide the world size.
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ReplicaGroups.build needs an initialised torch.distributed process group.")
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if isinstance(replica_size, bool) or not isinstance(replica_size, int) or replica_size < 1:
-            raise ValueError(f"replica_size={replica_size!r} is invalid: it must be an integer >= 1.")
-        if world % replica_size:
-            raise ValueError(
-                f"replica_size={replica_size} is invalid for {world} processes: it must divide the number of "
-                f"processes (valid: {[g for g in range(1, world + 1) if world % g == 0]})."
-            )
-        replicas = world // replica_size
-        by_replica = [list(range(k * replica_size, (k + 1) * replica_size)) for k in range(replicas)]
-        by_shard = [list(range(s, world, replica_size)) for s in range(replica_size)]
-        replica_group, _ = dist.new_subgroups_by_enumeration(by_replica)
-        shard_group, _ = dist.new_subgroups_by_enumeration(by_shard)
-        solo_group = (
-            replica_group if replica_size == 1 else dist.new_subgroups_by_enumeration([[r] for r in range(world)])[0]
-        )
-        return cls(
-            replica_size, replicas, rank // replica_size, rank % replica_size, replica_group, shard_group, solo_group
-        )
 
     # ------------------------------------------------------------------ the mpu protocol DeepSpeed queries
     def get_data_parallel_group(self) -> dist.ProcessGroup:
