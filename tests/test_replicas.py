@@ -8,6 +8,7 @@ exactly 1/2 of the weights per process across replicas (every collective recorde
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import pytest
@@ -173,3 +174,289 @@ def _refusals(rank: int, world_size: int) -> None:
 
 def test_replica_refusals():
     run_distributed(_refusals, WORLD)
+
+
+# ---------------------------------------------------------------------------------------------------- integrations
+TAU, STEPS, ACCUM, LR = 3, 7, 2, 0.05
+INTEGRATION_CONFIG = DPPFConfig(tau=TAU, alpha=0.5, lam=0.05, lam_schedule="constant", replica_size=G)
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+
+def _batch(rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + micro)  # every process reads its own data
+    return torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)
+
+
+def _own(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _accelerate_loop(rank: int, world_size: int) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from dist_utils import count_collectives
+
+    from hf_dppf import DPPF
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    replica = tuple(range(rank - rank % G, rank - rank % G + G))
+    shard_group = tuple(range(rank % G, WORLD, G))
+    out: dict[str, Any] = {"local_groups": set(), "round_bytes": [], "worst": 0.0, "replicas_differ": [], "unseen": []}
+    with DPPF(accelerator, model, config=INTEGRATION_CONFIG) as dppf:
+        numel = sum(p.numel() for p in model.parameters())
+        for step in range(STEPS):
+            start = _own(model.module)
+            # the oracle for the gradient: the mean over the replica of each process's own accumulated gradient
+            reference = _mlp()
+            reference.load_state_dict(model.module.state_dict())
+            for micro in range(ACCUM):
+                x, y = _batch(rank, step, micro)
+                (torch.nn.functional.mse_loss(reference(x), y) / ACCUM).backward()
+            grads = _replicas_of([p.grad for p in reference.parameters()], all_ranks=True)
+            with count_collectives() as profiled, record_collective_groups() as calls:
+                for micro in range(ACCUM):
+                    with accelerator.accumulate(model):
+                        x, y = _batch(rank, step, micro)
+                        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+                        optimizer.step()
+                        optimizer.zero_grad()
+            # the profiler sees every collective, the recorder only those issued from Python: the one difference
+            # allowed is DDP's C++ reducer broadcasting its rebuilt bucket order once, after the first synced step
+            unseen = [c for c in profiled.calls if c[0] != "gloo:all_reduce"]
+            assert profiled.count - len(unseen) == len(calls), (profiled.calls, calls)
+            out["unseen"].append(unseen)
+            out["local_groups"] |= {ranks for _, ranks in calls}
+            mean_grad = [sum(g[j] for g in grads[replica[0] : replica[-1] + 1]) / G for j in range(len(start))]
+            stepped = _own(model.module)
+            gap = max((s - (w - LR * g)).abs().max().item() for s, w, g in zip(stepped, start, mean_grad))
+            assert gap < 1e-6, (step, gap)
+            workers = _replicas(stepped)
+            out["replicas_differ"].append(any(not torch.equal(a, b) for a, b in zip(*workers)))
+            sent = dppf.stats.bytes_communicated - dppf.stats.replica_bytes
+            with record_collective_groups() as round_calls:
+                ran = dppf.step()
+            if ran:
+                expected = simulate_consensus(workers, INTEGRATION_CONFIG).workers[rank // G]
+                got = _replicas(_own(model.module))[rank // G]
+                out["worst"] = max(out["worst"], max((a - e).abs().max().item() for a, e in zip(got, expected)))
+                assert (
+                    round_calls.bytes_over(shard_group)
+                    == dppf.stats.bytes_communicated - dppf.stats.replica_bytes - sent
+                )
+                out["round_bytes"].append(round_calls.bytes_over(shard_group))
+        out["rounds"] = dppf.stats.rounds
+        before_exit = _replicas(_own(model.module))
+    final = _replicas_of(_own(model.module), all_ranks=True)
+    average = [sum(w[j] for w in before_exit) / len(before_exit) for j in range(len(before_exit[0]))]
+    out["exit_average"] = all(all(torch.allclose(a, b, atol=1e-6) for a, b in zip(f, average)) for f in final) and all(
+        all(torch.equal(a, b) for a, b in zip(f, final[0])) for f in final
+    )
+    out["numel"] = numel
+    return out
+
+
+def _replicas_of(tensors: list[torch.Tensor], all_ranks: bool) -> list[list[torch.Tensor]]:
+    return gather_workers(tensors, WORLD) if all_ranks else _replicas(tensors)
+
+
+def test_accelerate_block_replicas_sync_inside_and_round_across():
+    results = run_distributed(_accelerate_loop, WORLD, init=False)
+    for rank, out in enumerate(results):
+        replica = tuple(range(rank - rank % G, rank - rank % G + G))
+        assert out["local_groups"] == {replica}, out["local_groups"]  # gradients inside the replica, nothing across
+        assert out["rounds"] == STEPS // TAU and out["worst"] < TOL, out
+        assert all(out["replicas_differ"]), out["replicas_differ"]
+        # a round: this process's half of the weights (fp32) and the 16-byte distance statistics
+        assert out["round_bytes"] == [4 * math.ceil(out["numel"] / G) + 16] * (STEPS // TAU), out["round_bytes"]
+        assert out["exit_average"]
+        # DDP's bucket-order broadcast over its whole group: once per run, a few bytes (sizes and indices)
+        assert [bool(u) for u in out["unseen"]] == [False, True] + [False] * (STEPS - 2), out["unseen"]
+        assert {name for name, _ in out["unseen"][1]} == {"gloo:broadcast"} and sum(
+            b for _, b in out["unseen"][1]
+        ) < 64
+
+
+class _ReplicaRecorder:
+    """
+    A Trainer callback (registered before DPPF's, so it sees each step before the round and the run before the final
+    average): what each step sent and to whom, the replicas' weights before and after every round.
+    """
+
+    def __init__(self, rank: int) -> None:
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                recorder.begin()
+
+            def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+                recorder.stepped(kwargs.get("model") or model)
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                recorder.ended(model)
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                recorder.before_exit = _replicas(_own(model))
+
+        self.callback, self.rank = Callback(), rank
+        self.trainer: Any = None
+        self.groups: list[set] = []
+        self.unseen: list[list] = []
+        self.rounds: list[tuple[list, list]] = []
+        self.round_bytes: list[int] = []
+        self.replicas_differ: list[bool] = []
+
+    def begin(self) -> None:
+        from dist_utils import count_collectives
+
+        self._windows = (count_collectives(), record_collective_groups())
+        self._logs = [w.__enter__() for w in self._windows]
+
+    def stepped(self, model: torch.nn.Module) -> None:
+        for w in reversed(self._windows):
+            w.__exit__(None, None, None)
+        profiled, calls = self._logs
+        unseen = [c for c in profiled.calls if c[0] != "gloo:all_reduce"]
+        assert profiled.count - len(unseen) == len(calls), (profiled.calls, calls)
+        self.groups.append({ranks for _, ranks in calls})
+        self.unseen.append(unseen)
+        self.workers = _replicas(_own(self.trainer.model))  # the ranks of each replica must agree after the step
+        self.replicas_differ.append(any(not torch.equal(a, b) for a, b in zip(*self.workers)))
+        engine = self.trainer.dppf_engine
+        self._rounds, self._across = engine.stats.rounds, engine.stats.bytes_communicated - engine.stats.replica_bytes
+
+    def ended(self, model: torch.nn.Module) -> None:
+        engine = self.trainer.dppf_engine
+        if engine.stats.rounds > self._rounds:
+            self.rounds.append((self.workers, _replicas(_own(self.trainer.model))))
+            self.round_bytes.append(engine.stats.bytes_communicated - engine.stats.replica_bytes - self._across)
+
+
+TRAINER_RUN = dict(
+    dppf=True,
+    dppf_tau=3,
+    dppf_alpha=0.5,
+    dppf_lambda=0.05,
+    dppf_lam_schedule="constant",
+    dppf_replica_size=G,
+    max_steps=8,
+    logging_steps=1,
+    save_strategy="steps",
+    save_steps=4,
+)
+
+
+def _trainer_runs(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import gc
+
+    from safetensors.torch import load_file
+    from test_trainer import _optimizer_states_equal, _tensors_equal, own_weights
+    from trainer_fixtures import make_args, tiny_bert, toy_data
+
+    from hf_dppf import DPPFTrainer
+
+    recorder = _ReplicaRecorder(rank)
+    straight = DPPFTrainer(
+        model=tiny_bert(seed=1),
+        args=make_args(f"{tmp}/a", **TRAINER_RUN),
+        train_dataset=toy_data(),
+        callbacks=[recorder.callback],
+    )
+    recorder.trainer = straight
+    straight.train()
+    final = _replicas_of(_own(straight.model), all_ranks=True)
+    config = straight.args.dppf_config
+    worst = 0.0
+    for workers, after in recorder.rounds:
+        expected = simulate_consensus(workers, config).workers
+        worst = max(worst, max((a - e).abs().max().item() for w, x in zip(after, expected) for a, e in zip(w, x)))
+    average = [sum(w[j] for w in recorder.before_exit) / G for j in range(len(final[0]))]
+    resumed = DPPFTrainer(model=tiny_bert(seed=7), args=make_args(f"{tmp}/b", **TRAINER_RUN), train_dataset=toy_data())
+    resumed.train(resume_from_checkpoint=f"{tmp}/a/checkpoint-4")
+    worker = f"{tmp}/{{}}/checkpoint-8/dppf/replica{rank // G}/{{}}"
+    out = {
+        "groups": recorder.groups,
+        "unseen": recorder.unseen,
+        "replicas_differ": recorder.replicas_differ,
+        "rounds": len(recorder.rounds),
+        "worst": worst,
+        "round_bytes": recorder.round_bytes,
+        "numel": sum(p.numel() for p in straight.model.parameters()),
+        "exit_average": all(
+            all(torch.allclose(a, b, atol=1e-6) and torch.equal(a, c) for a, b, c in zip(f, average, final[0]))
+            for f in final
+        ),
+        "files": sorted(os.listdir(f"{tmp}/a/checkpoint-4/dppf")) if rank == 0 else None,
+        "replica_files": sorted(os.listdir(f"{tmp}/a/checkpoint-4/dppf/replica0")) if rank == 0 else None,
+        "resumed_weights": _tensors_equal(
+            load_file(worker.format("a", "model.safetensors")), load_file(worker.format("b", "model.safetensors"))
+        ),
+        "resumed_optimizer": _optimizer_states_equal(
+            worker.format("a", "optimizer.pt"), worker.format("b", "optimizer.pt")
+        ),
+        "resumed_final": _tensors_equal(own_weights(straight.model), own_weights(resumed.model)),
+    }
+    del straight, resumed
+    gc.collect()
+    return out
+
+
+def test_trainer_replicas_sync_inside_round_across_and_resume_exactly(tmp_path):
+    results = run_distributed(_trainer_runs, WORLD, str(tmp_path), init=False)
+    for rank, out in enumerate(results):
+        replica = tuple(range(rank - rank % G, rank - rank % G + G))
+        assert all(groups == {replica} for groups in out["groups"]), out["groups"]
+        assert [bool(u) for u in out["unseen"]] == [False, True] + [False] * 6, out["unseen"]
+        assert all(out["replicas_differ"]) and out["rounds"] == 2 and out["worst"] < TOL, out
+        assert out["round_bytes"] == [4 * math.ceil(out["numel"] / G) + 16] * 2, out["round_bytes"]
+        assert out["exit_average"]
+        assert out["resumed_weights"] and out["resumed_optimizer"] and out["resumed_final"], out
+    assert results[0]["files"] == ["replica0", "replica1"]
+    assert results[0]["replica_files"] == [
+        "model.safetensors",
+        "optimizer.pt",
+        "shard0-dppf_state.json",
+        "shard1-dppf_state.json",
+    ]
+
+
+def test_accelerate_save_state_load_state_resumes_replicas_exactly(tmp_path):
+    import numpy as np
+    from test_accelerate_state import TOTAL, _train
+
+    from hf_dppf.engine import FINGERPRINT_BYTES
+
+    config = DPPFConfig(tau=3, alpha=0.5, width=0.05, replica_size=G)  # the push follows the lr schedule
+    ckpt = str(tmp_path / "ckpt")
+    straight = run_distributed(_train, WORLD, config, range(TOTAL), None, str(tmp_path / "scratch"), False, init=False)
+    run_distributed(_train, WORLD, config, range(4), 4, ckpt, False, init=False)
+    assert sorted(os.listdir(os.path.join(ckpt, "dppf"))) == ["replica0", "replica1"]  # one copy per replica
+    assert sorted(os.listdir(os.path.join(ckpt, "dppf", "replica1"))) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "shard0-dppf_state.json",
+        "shard1-dppf_state.json",
+    ]
+    resumed = run_distributed(_train, WORLD, config, range(4, TOTAL), None, ckpt, True, init=False)
+    for rank in range(WORLD):
+        want, got = straight[rank], resumed[rank]
+        for a, b in zip(want["params"] + want["moments"], got["params"] + got["moments"], strict=True):
+            assert np.array_equal(a, b), f"rank {rank}: max diff {np.abs(a - b).max()}"
+        assert np.array_equal(want["rng"], got["rng"]) and want["lr"] == got["lr"]
+        assert want["stats"][:2] == got["stats"][:2] and want["stats"][3] == got["stats"][3]
+        assert got["stats"][2] == want["stats"][2] + FINGERPRINT_BYTES
+    # the ranks of a replica hold the same weights; the replicas differ
+    assert all(np.array_equal(a, b) for a, b in zip(straight[0]["params"], straight[1]["params"]))
+    assert not np.array_equal(straight[0]["params"][0], straight[2]["params"][0])
+    # another replica size cannot resume this checkpoint
+    flat = DPPFConfig(tau=3, alpha=0.5, width=0.05)
+    with pytest.raises(AssertionError, match="has no DPPF state for this rank .* by replicas of another size"):
+        run_distributed(_train, WORLD, flat, range(4, TOTAL), None, ckpt, True, init=False)

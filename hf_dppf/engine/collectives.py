@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .stats import DPPFStats
 
-# torch 2.13 renamed `all_gather_into_tensor` (deprecated there) to `all_gather_single`; the floor, 2.11, has the old name
+# torch 2.13 renamed `all_gather_into_tensor` (deprecated there) `all_gather_single`; 2.11 has only the old name
 _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 

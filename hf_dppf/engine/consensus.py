@@ -94,6 +94,9 @@ class DPPFConsensus:
             else BucketLayout(params_or_module, cfg.bucket_mb, cfg.comm_dtype, device)
         )
         self.group, self.norm_group, self.replica_group = process_group, shards, replica_group if replicated else None
+        # this worker's processes (a replica of several, or this one) and this process's index among them
+        self.replica_size = dist.get_world_size(replica_group) if replicated else 1
+        self.replica_rank = dist.get_rank(replica_group) if replicated else 0
         self.world_size, self.rank = self.comm.world_size, self.comm.rank
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError(

@@ -19,8 +19,11 @@ from ..config import DPPFConfig
 from ..engine import DPPFConsensus, DPPFStats
 from ..strategies import STRATEGIES
 from .common import (
+    ReplicaGradients,
+    ReplicaGroups,
     after_round,
     check_worker_state,
+    engine_dir,
     initial_lr,
     inner_optimizer,
     load_worker_state,
@@ -28,7 +31,7 @@ from .common import (
     restore_ddp,
     save_worker_state,
     silence_ddp,
-    worker_dir,
+    sync_gradients_in_replica,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,11 +135,12 @@ class DPPF:
         self.log_every = log_every
         self._checkpoint_hooks: list = []
         self._loading_from: str | None = None
+        self._replica_gradients: ReplicaGradients | None = None
 
     # ------------------------------------------------------------------ DDP silencing
     def _silence_ddp(self) -> None:
-        """Switch off DDP's gradient all-reduce and buffer broadcast (restored on exit)."""
-        self._ddp_flags = silence_ddp(self.model, self._ddp_flags)
+        """Switch off DDP's gradient all-reduce (kept inside a replica) and buffer broadcast (restored on exit)."""
+        self._ddp_flags = silence_ddp(self.model, self._ddp_flags, gradients=self._replica_gradients is None)
 
     def _restore_ddp(self) -> None:
         restore_ddp(self.model, self._ddp_flags)
@@ -147,9 +151,17 @@ class DPPF:
         if not self.enabled:
             return self
         unwrapped = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
-        self.engine = DPPFConsensus(unwrapped, self.config)
-        processes = getattr(self.accelerator, "num_processes", self.engine.world_size)
-        if processes != self.engine.world_size:
+        groups = ReplicaGroups.build(self.config.replica_size) if self.config.replica_size > 1 else None
+        if groups is None:
+            self.engine = DPPFConsensus(unwrapped, self.config)
+        else:  # hierarchical: DDP averages the gradients inside each replica, the rounds run across replicas
+            self._replica_gradients = sync_gradients_in_replica(self.model, groups.replica_group)
+            self.engine = DPPFConsensus(
+                unwrapped, self.config, process_group=groups.shard_group, replica_group=groups.replica_group
+            )
+        world = self.engine.world_size * self.engine.replica_size
+        processes = getattr(self.accelerator, "num_processes", world)
+        if processes != world:
             raise RuntimeError(
                 f"Accelerate reports {processes} process(es) but torch.distributed has {self.engine.world_size}: "
                 "the data would not be sharded and the workers would train on the same batches. On CPU build "
@@ -182,6 +194,9 @@ class DPPF:
                     self.engine.round(self._push_scale())
         finally:
             self._restore_ddp()
+            if self._replica_gradients is not None:  # DDP averages over every process again
+                self._replica_gradients.active = False
+                self._replica_gradients = None
 
     # ------------------------------------------------------------------ steps
     def _push_scale(self) -> float:
@@ -241,7 +256,7 @@ class DPPF:
         # Every rank: its own weights, optimizer, scaler and engine state (Accelerate keeps only rank 0's model and
         # optimizer). The round in flight lands in place, so Accelerate's copy of rank 0's weights agrees.
         save_worker_state(
-            worker_dir(output_dir, self.engine.rank), self.engine.module, self.optimizer, self.engine, self._extra()
+            engine_dir(output_dir, self.engine), self.engine.module, self.optimizer, self.engine, self._extra()
         )
 
     def _load_state_hook(self, models: list, input_dir: str) -> None:
@@ -249,7 +264,7 @@ class DPPF:
         # loaded last, by `load_state_dict` (registered for checkpointing), over Accelerate's rank-0 copies. First wait
         # for every rank: a `load_state` right after a `save_state` must not read files rank 0 is still writing.
         self.accelerator.wait_for_everyone()
-        check_worker_state(worker_dir(input_dir, self.engine.rank), self.engine.world_size, input_dir)
+        check_worker_state(engine_dir(input_dir, self.engine), self.engine, input_dir)
         self._loading_from = input_dir
 
     def _extra(self) -> dict[str, Any]:
@@ -300,7 +315,7 @@ class DPPF:
         if self.engine is None:
             return
         if self._loading_from is not None:
-            folder, self._loading_from = worker_dir(self._loading_from, self.engine.rank), None
+            folder, self._loading_from = engine_dir(self._loading_from, self.engine), None
             load_worker_state(folder, self.engine.module, self.optimizer, self.engine, self._extra())
             return
         self.engine.load_state_dict({k: v for k, v in state.items() if k != "world_size"})

@@ -63,7 +63,9 @@ def after_round(engine: DPPFConsensus, optimizer: torch.optim.Optimizer | None) 
         reset_optimizer_state(optimizer)
 
 
-def silence_ddp(model: torch.nn.Module, saved: dict[str, bool] | None = None) -> dict[str, bool]:
+def silence_ddp(
+    model: torch.nn.Module, saved: dict[str, bool] | None = None, gradients: bool = True
+) -> dict[str, bool]:
     """
     Switch off a `DistributedDataParallel` module's gradient all-reduce and forward buffer broadcast. Call it again at
     every step: `accelerator.trigger_sync_in_backward` and friends set the flags back to True.
@@ -72,6 +74,8 @@ def silence_ddp(model: torch.nn.Module, saved: dict[str, bool] | None = None) ->
         model (`torch.nn.Module`): the (possibly DDP-wrapped) model.
         saved (`dict[str, bool]`, *optional*): what an earlier call returned; kept, so `restore_ddp` gets the flags
             as they were before the first call.
+        gradients (`bool`, defaults to `True`): switch off the gradient all-reduce too (`False` for replicas of
+            several processes, whose DDP averages the gradients inside the replica: `sync_gradients_in_replica`).
 
     Returns:
         `dict[str, bool]`: the original flags, for `restore_ddp` (empty when `model` is not DDP-wrapped).
@@ -82,7 +86,8 @@ def silence_ddp(model: torch.nn.Module, saved: dict[str, bool] | None = None) ->
         "require_backward_grad_sync": model.require_backward_grad_sync,
         "require_forward_param_sync": model.require_forward_param_sync,
     }
-    model.require_backward_grad_sync = False
+    if gradients:
+        model.require_backward_grad_sync = False
     model.require_forward_param_sync = False
     return flags
 
@@ -93,17 +98,30 @@ def restore_ddp(model: torch.nn.Module, flags: dict[str, bool]) -> None:
         setattr(model, name, value)
 
 
-# One worker's resume state inside a checkpoint: `<checkpoint>/dppf/rank{r}/` (the Trainer's layout too).
+# One worker's resume state inside a checkpoint: `<checkpoint>/dppf/rank{r}/`, or `<checkpoint>/dppf/replica{k}/` for
+# a worker that is a replica of several processes (the Trainer's layout too).
 DPPF_CHECKPOINT_DIR = "dppf"
+REPLICA_DIR = "replica{}"
 WORKER_WEIGHTS_NAME = "model.safetensors"
 WORKER_OPTIMIZER_NAME = "optimizer.pt"
 WORKER_STATE_NAME = "dppf_state.json"
 WORKER_CENTRE_NAME = "centre.safetensors"  # easgd's centre variable (engine state that is tensors)
 
 
-def worker_dir(checkpoint: str, rank: int) -> str:
-    """Where rank `rank` keeps its own weights, optimizer and engine state in `checkpoint`."""
-    return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, f"rank{rank}")
+def worker_dir(checkpoint: str, rank: int, replicated: bool = False) -> str:
+    """Where worker `rank` (a process, or with `replicated` the replica of that index) keeps its resume state."""
+    name = REPLICA_DIR.format(rank) if replicated else f"rank{rank}"
+    return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, name)
+
+
+def engine_dir(checkpoint: str, engine: DPPFConsensus) -> str:
+    """`worker_dir` of the worker that `engine` runs (its replica when it is one of several processes)."""
+    return worker_dir(checkpoint, engine.rank, engine.replica_size > 1)
+
+
+def shard_file(folder: str, name: str, engine: DPPFConsensus) -> str:
+    """A file of this process's own in a worker folder: `name`, or `shard{j}-name` for process j of a replica."""
+    return os.path.join(folder, name if engine.replica_size == 1 else f"shard{engine.replica_rank}-{name}")
 
 
 def save_worker_state(
@@ -115,40 +133,52 @@ def save_worker_state(
 ) -> None:
     """
     Write this worker's own weights (safetensors), optimizer state, engine state (JSON; easgd's centre in
-    safetensors) and the world size into `folder`. An overlapped round in flight lands first (a collective: call it on
-    every rank). `extra` maps a name to an object whose `state_dict()` is saved as `<name>.pt` (e.g. a grad scaler).
+    safetensors) and the number of workers into `folder`. An overlapped round in flight lands first (a collective: call
+    it on every rank). `extra` maps a name to an object whose `state_dict()` is saved as `<name>.pt` (e.g. a grad
+    scaler). In a replica of several processes, which hold the same weights and optimizer state, the first process
+    writes those once; every process writes its own engine state (what it observed, its shard of easgd's centre).
     """
     engine.finish()
     os.makedirs(folder, exist_ok=True)
-    save_model(module, os.path.join(folder, WORKER_WEIGHTS_NAME), force_contiguous=True)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(folder, WORKER_OPTIMIZER_NAME))
-    for name, obj in (extra or {}).items():
-        torch.save(obj.state_dict(), os.path.join(folder, f"{name}.pt"))
+    if engine.replica_rank == 0:
+        save_model(module, os.path.join(folder, WORKER_WEIGHTS_NAME), force_contiguous=True)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), os.path.join(folder, WORKER_OPTIMIZER_NAME))
+        for name, obj in (extra or {}).items():
+            torch.save(obj.state_dict(), os.path.join(folder, f"{name}.pt"))
     state = engine.state_dict()
     centre = state.pop("centre", {})
     if centre:
-        save_file({k: v.contiguous() for k, v in centre.items()}, os.path.join(folder, WORKER_CENTRE_NAME))
-    with open(os.path.join(folder, WORKER_STATE_NAME), "w") as f:
-        json.dump({"world_size": engine.world_size, "engine": state}, f, indent=2)
+        save_file({k: v.contiguous() for k, v in centre.items()}, shard_file(folder, WORKER_CENTRE_NAME, engine))
+    saved = {"world_size": engine.world_size, "replica_size": engine.replica_size, "engine": state}
+    with open(shard_file(folder, WORKER_STATE_NAME, engine), "w") as f:
+        json.dump(saved, f, indent=2)
 
 
-def check_worker_state(folder: str, world_size: int, checkpoint: str) -> None:
-    """Raise a clear `ValueError` unless `folder` holds a worker state written by `world_size` workers."""
-    path = os.path.join(folder, WORKER_STATE_NAME)
+def check_worker_state(folder: str, engine: DPPFConsensus, checkpoint: str) -> dict[str, Any]:
+    """
+    Raise a clear `ValueError` unless `folder` holds a worker state written by as many workers, of as many processes
+    each, as `engine` has; return that state.
+    """
+    path = shard_file(folder, WORKER_STATE_NAME, engine)
     if not os.path.isfile(path):
         raise ValueError(
             f"Checkpoint {checkpoint} has no DPPF state for this rank ({path} is missing): it was written by fewer "
-            f"DPPF workers than this run's {world_size}, or without DPPF. An exact resume needs the same number of "
-            "processes; to start a new run from it, load its model without resuming."
+            f"DPPF workers than this run's {engine.world_size}, by replicas of another size, or without DPPF. An "
+            "exact resume needs the same processes; to start a new run from it, load its model without resuming."
         )
     with open(path) as f:
-        saved = json.load(f)["world_size"]
-    if saved != world_size:
+        saved = json.load(f)
+    workers, size = saved["world_size"], saved.get("replica_size", 1)
+    if (workers, size) != (engine.world_size, engine.replica_size):
+        replicas = f" (replicas of {size} processes)" if size > 1 else ""
+        now = f" (replicas of {engine.replica_size})" if engine.replica_size > 1 else ""
         raise ValueError(
-            f"Checkpoint {checkpoint} was written by {saved} DPPF workers, this run has {world_size}: an exact resume "
-            "needs the same number of processes. To start a new run from it, load its model without resuming."
+            f"Checkpoint {checkpoint} was written by {workers} DPPF workers{replicas}, this run has "
+            f"{engine.world_size}{now}: an exact resume needs the same processes. To start a new run from it, load "
+            "its model without resuming."
         )
+    return saved
 
 
 def load_worker_state(
@@ -172,13 +202,68 @@ def load_worker_state(
         )
     for name, obj in (extra or {}).items():
         obj.load_state_dict(torch.load(os.path.join(folder, f"{name}.pt"), weights_only=True))
-    with open(os.path.join(folder, WORKER_STATE_NAME)) as f:
+    with open(shard_file(folder, WORKER_STATE_NAME, engine)) as f:
         state = json.load(f)["engine"]
-    centre = os.path.join(folder, WORKER_CENTRE_NAME)
+    centre = shard_file(folder, WORKER_CENTRE_NAME, engine)
     if os.path.isfile(centre):
         state["centre"] = load_file(centre, device=str(device))
     engine.load_state_dict(state)
     engine.verify_ranks()
+
+
+class ReplicaGradients:
+    """
+    The state of the DDP communication hook that averages gradients over one replica (`sync_gradients_in_replica`):
+    over `group` while `active`, else over DDP's own group, as the stock hook would.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, ddp_group: dist.ProcessGroup | None) -> None:
+        self.group, self.ddp_group, self.active = group, ddp_group, True
+
+
+def _replica_allreduce(state: ReplicaGradients, bucket):
+    """DDP's communication hook: average one gradient bucket (a `dist.GradBucket`) over the replica."""
+    group = state.group if state.active else state.ddp_group
+    tensor = bucket.buffer().div_(dist.get_world_size(group))
+    return dist.all_reduce(tensor, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def sync_gradients_in_replica(model: torch.nn.Module, group: dist.ProcessGroup) -> ReplicaGradients:
+    """
+    Make a `DistributedDataParallel` model average its gradients over `group` (one replica) instead of every process:
+    DDP's own reducer, buckets and overlap with the backward pass, gradient accumulation (`no_sync`) and all, with a
+    communication hook. DDP cannot remove a hook: set the returned state's `active = False` to average over DDP's group
+    again, as the stock DDP does.
+
+    Args:
+        model (`torch.nn.Module`): the DDP-wrapped model (`accelerator.prepare`, the Trainer's wrap).
+        group (`ProcessGroup`): the replica's processes.
+    """
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            f"replica_size > 1 averages the gradients inside each replica with DistributedDataParallel, but the model "
+            f"is a {type(model).__name__}: pass the model that accelerator.prepare returned (DDP-wrapped), launched "
+            "on several processes."
+        )
+    if getattr(model, "find_unused_parameters", False):
+        logger.warning(
+            "DPPF replicas: the DDP model searches for unused parameters (find_unused_parameters=True), which "
+            "all-reduces a small bitmap over every process at every step, across replicas. Build it with "
+            "find_unused_parameters=False (Trainer: --ddp_find_unused_parameters false) unless the model needs it."
+        )
+    state = getattr(model, "_dppf_replica_gradients", None)
+    if state is None:
+        state = ReplicaGradients(group, getattr(model, "process_group", None))
+        try:
+            model.register_comm_hook(state, _replica_allreduce)
+        except RuntimeError as err:
+            raise ValueError(
+                "replica_size > 1 needs DDP's communication hook, but the model already has one (e.g. "
+                "DistributedDataParallelKwargs(comm_hook=...)): remove it, or use replica_size=1."
+            ) from err
+        model._dppf_replica_gradients = state
+    state.group, state.active = group, True
+    return state
 
 
 @dataclass(frozen=True)

@@ -23,34 +23,37 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import transformers.trainer
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..engine import DPPFConsensus
 from .arguments import DPPFArguments
-from .common import (
+from .common import (  # (the checkpoint layout's names are re-exported: scripts and tests read checkpoints)
     DPPF_CHECKPOINT_DIR,
+    REPLICA_DIR,
     WORKER_CENTRE_NAME,
-    WORKER_OPTIMIZER_NAME,
     WORKER_STATE_NAME,
-    WORKER_WEIGHTS_NAME,
+    ReplicaGradients,
     after_round,
+    check_worker_state,
     initial_lr,
     inner_optimizer,
+    load_worker_state,
     lr_push_scale,
     restore_ddp,
+    save_worker_state,
     silence_ddp,
+    sync_gradients_in_replica,
     worker_dir,
 )
 from .deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage, zero_stage_of
 
 logger = logging.getLogger(__name__)
 
-# Inside a checkpoint folder: `dppf/rank{r}/` holds worker r's own weights, optimizer state and engine state (the
-# layout the Accelerate block writes too: its names live in `common.py`).
-# Under DeepSpeed: `dppf/replica{k}/` holds replica k's DeepSpeed checkpoint (its ZeRO shards) and engine state.
-REPLICA_DIR = "replica{}"
+# Inside a checkpoint folder: `dppf/rank{r}/` holds worker r's own weights, optimizer state and engine state, and
+# `dppf/replica{k}/` replica k's with --dppf_replica_size > 1 (the layout the Accelerate block writes too: its names
+# live in `common.py`). Under DeepSpeed `dppf/replica{k}/` holds replica k's DeepSpeed checkpoint (its ZeRO shards).
 DEEPSPEED_TAG = "deepspeed"  # a fixed tag: DeepSpeed's `latest` file is written by global rank 0 only
 SCHEDULER_NAME = "scheduler.pt"  # the stock Trainer's file name: the schedule is the same on every worker
 # A checkpoint is written under this prefix and renamed to `checkpoint-N` once every rank has finished, so that a crash
@@ -191,6 +194,10 @@ class DPPFTrainingArguments(DPPFArguments, TrainingArguments):
         if self.dppf and self.average_tokens_across_devices:
             # Gathering token counts would be a collective per step and would scale each worker's loss by the others'.
             self.average_tokens_across_devices = False
+        if self.dppf and getattr(self, "dppf_replica_size", 1) > 1 and self.ddp_find_unused_parameters is None:
+            # The stock default (True for a model without gradient checkpointing) makes DDP all-reduce a bitmap of
+            # the used parameters over every process at every step: across replicas, on the slow links.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()  # DPPFArguments (builds the config), then TrainingArguments
         if self.dppf and self.dppf_config.replica_size > 1:
             from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
@@ -268,7 +275,9 @@ class DPPFTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._dppf_engine: DPPFConsensus | DeepSpeedDPPF | None = None
-        self._dppf_groups: ReplicaGroups | None = None  # under DeepSpeed: ZeRO inside a replica, DPPF across
+        # replicas of --dppf_replica_size processes (always under DeepSpeed): ZeRO or DDP inside one, DPPF across
+        self._dppf_groups: ReplicaGroups | None = None
+        self._dppf_gradients: ReplicaGradients | None = None  # DDP averaging the gradients inside a replica
         self._dppf_ddp_flags: dict[str, bool] = {}
         self._dppf_lr0 = 0.0
         self._dppf_in_sync = False  # every worker known to hold the same weights (after the final average)
@@ -276,7 +285,7 @@ class DPPFTrainer(Trainer):
         self._dppf_resume: str | None = None  # the checkpoint `train()` resumes from, for `on_train_begin`
         if self.dppf_enabled:
             self._check_dppf_setup()
-            if self.is_deepspeed_enabled:
+            if self.is_deepspeed_enabled or self.args.dppf_config.replica_size > 1:
                 self._dppf_groups = ReplicaGroups.build(self.args.dppf_config.replica_size)
             self.add_callback(_DPPFCallback(self))
 
@@ -299,14 +308,9 @@ class DPPFTrainer(Trainer):
                 "--dppf with FSDP is not supported by DPPFTrainer: use DeepSpeed ZeRO with --dppf_replica_size to "
                 "shard a replica over several processes, or DDP / a single process per replica."
             )
-        replica_size = self.args.dppf_config.replica_size
         if self.is_deepspeed_enabled:
-            check_zero_stage(zero_stage_of(self.accelerator.state.deepspeed_plugin.deepspeed_config), replica_size)
-        elif replica_size > 1:
-            raise ValueError(
-                f"--dppf_replica_size={replica_size} needs DeepSpeed ZeRO (--deepspeed ds_config.json) to shard a "
-                "replica over its processes; without DeepSpeed every process is a replica (valid: 1)."
-            )
+            stage = zero_stage_of(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            check_zero_stage(stage, self.args.dppf_config.replica_size)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"--dppf with torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs in one process is not "
@@ -326,11 +330,12 @@ class DPPFTrainer(Trainer):
     # ------------------------------------------------------------------ the run
     def _dppf_worker_dir(self, checkpoint: str) -> str:
         if self._dppf_groups is not None:
-            return os.path.join(checkpoint, DPPF_CHECKPOINT_DIR, REPLICA_DIR.format(self._dppf_groups.replica_index))
+            return worker_dir(checkpoint, self._dppf_groups.replica_index, replicated=True)
         return worker_dir(checkpoint, self.args.process_index)
 
     def _dppf_silence(self) -> None:
-        self._dppf_ddp_flags = silence_ddp(self.model_wrapped, self._dppf_ddp_flags)
+        gradients = self._dppf_gradients is None  # (a replica's DDP averages them inside the replica)
+        self._dppf_ddp_flags = silence_ddp(self.model_wrapped, self._dppf_ddp_flags, gradients)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """
@@ -352,7 +357,7 @@ class DPPFTrainer(Trainer):
         from its own at `on_train_begin`. (The one use of this private step: no public event runs around
         `deepspeed.initialize`, and none can replace the stock resume.)
         """
-        if self._dppf_groups is None:
+        if not (self.is_deepspeed_enabled and self._dppf_groups is not None):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         own = resume_from_checkpoint is not None and os.path.isdir(self._dppf_worker_dir(resume_from_checkpoint))
         with self._dppf_groups.routed_initialize():
@@ -361,8 +366,8 @@ class DPPFTrainer(Trainer):
     def _dppf_start(self, checkpoint: str | None) -> None:
         """
         `on_train_begin`, after the stock set-up (the DDP or DeepSpeed wrap, which broadcasts rank 0's weights; the
-        optimizer and scheduler, restored from a stock checkpoint): restore every worker's own state from a DPPF
-        checkpoint and start the engine.
+        optimizer and scheduler, restored from a stock checkpoint): start the engine and restore every worker's own
+        state from a DPPF checkpoint.
         """
         self._dppf_in_sync = False
         self._dppf_resume = None
@@ -373,60 +378,59 @@ class DPPFTrainer(Trainer):
                 checkpoint,
             )
             worker = None
-        saved = None
-        if worker is not None:
-            with open(os.path.join(worker, WORKER_STATE_NAME)) as f:
-                saved = json.load(f)
-            if self._dppf_groups is None and saved["world_size"] != self.args.world_size:
-                raise ValueError(
-                    f"Checkpoint {checkpoint} was written by {saved['world_size']} DPPF workers, this run has "
-                    f"{self.args.world_size}: an exact resume needs the same number. To start a new run from its "
-                    "average instead, load the checkpoint folder as the model (from_pretrained) without resuming."
+        config, groups = self.args.dppf_config, self._dppf_groups
+        if self.is_deepspeed_enabled:  # each replica's weights come with its DeepSpeed checkpoint
+            saved = None
+            if worker is not None:
+                with open(os.path.join(worker, WORKER_STATE_NAME)) as f:
+                    saved = json.load(f)
+                self._dppf_load_optimizer(checkpoint, worker)
+            self._dppf_engine = DeepSpeedDPPF(self.model_wrapped, config, groups)
+            if saved is not None:
+                centre = self._dppf_centre_file(worker)
+                if os.path.isfile(centre):
+                    saved["engine"]["centre"] = load_file(centre)
+                self._dppf_engine.load_state_dict(saved["engine"])
+                self._dppf_engine.verify_ranks()  # every worker resumed from the same step
+        else:
+            if groups is None:
+                self._dppf_engine = DPPFConsensus(self.model, config)
+            else:  # DDP averages the gradients inside each replica; the rounds run across replicas
+                self._dppf_gradients = sync_gradients_in_replica(self.model_wrapped, groups.replica_group)
+                self._dppf_engine = DPPFConsensus(
+                    self.model, config, process_group=groups.shard_group, replica_group=groups.replica_group
                 )
-            self._dppf_load_optimizer(checkpoint, worker)
+            self._dppf_silence()
+            if worker is not None:  # the weights are copied into the params in place
+                check_worker_state(worker, self._dppf_engine, checkpoint)
+                load_worker_state(worker, self.model, inner_optimizer(self.optimizer), self._dppf_engine)
+                self._dppf_load_scheduler(checkpoint)
         # lr_0 of the schedule (on resume the optimizer's param groups are restored by now).
         self._dppf_lr0 = initial_lr(self._dppf_lr_optimizer())
         self._dppf_check_schedule(self.state.max_steps)
-        if self._dppf_groups is not None:  # each replica's weights came with its DeepSpeed checkpoint
-            self._dppf_engine = DeepSpeedDPPF(self.model_wrapped, self.args.dppf_config, self._dppf_groups)
-        else:
-            self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)
-            self._dppf_silence()
-            if worker is not None:  # copied into the params in place
-                load_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME))
-        if saved is not None:
-            centre = self._dppf_centre_file(worker)
-            if os.path.isfile(centre):
-                saved["engine"]["centre"] = load_file(centre)
-            self._dppf_engine.load_state_dict(saved["engine"])
-            self._dppf_engine.verify_ranks()  # every worker resumed from the same step
 
     def _dppf_load_optimizer(self, checkpoint: str, worker: str) -> None:
         """
-        This worker's own optimizer state (under DeepSpeed: its replica's DeepSpeed checkpoint, weights included) and
-        the scheduler, the same on every worker, from a DPPF checkpoint. (The stock resume finds no `optimizer.pt` in
-        it, so it restored neither.)
+        Under DeepSpeed, this replica's DeepSpeed checkpoint (weights and optimizer state) and the scheduler, the same
+        on every worker, from a DPPF checkpoint. (The stock resume skipped it, see `_prepare_for_training`.)
         """
-        if self._dppf_groups is not None:
-            load_path, _ = self.model_wrapped.load_checkpoint(
-                worker, tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if load_path is None:
-                raise ValueError(f"No DeepSpeed checkpoint in {worker}.")
-            from accelerate.utils import DeepSpeedSchedulerWrapper
+        load_path, _ = self.model_wrapped.load_checkpoint(
+            worker, tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise ValueError(f"No DeepSpeed checkpoint in {worker}.")
+        from accelerate.utils import DeepSpeedSchedulerWrapper
 
-            if isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):  # DeepSpeed's checkpoint held it
-                return
-        else:
-            device = "cpu" if self.args.device.type == "cpu" else self.args.device
-            self.optimizer.load_state_dict(
-                torch.load(os.path.join(worker, WORKER_OPTIMIZER_NAME), map_location=device, weights_only=True)
-            )
+        if not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):  # (else DeepSpeed's checkpoint held it)
+            self._dppf_load_scheduler(checkpoint)
+
+    def _dppf_load_scheduler(self, checkpoint: str) -> None:
+        """The scheduler, the same on every worker (the stock resume finds no `optimizer.pt`, so it restored none)."""
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _dppf_lr_optimizer(self) -> Any:
         """What holds the learning rate and the state: the torch optimizer, or DeepSpeed's (same `param_groups`)."""
-        if self._dppf_groups is not None:
+        if self.is_deepspeed_enabled:
             return self.model_wrapped.optimizer
         return inner_optimizer(self.optimizer)
 
@@ -486,6 +490,9 @@ class DPPFTrainer(Trainer):
         self._dppf_in_sync = True
         restore_ddp(self.model_wrapped, self._dppf_ddp_flags)
         self._dppf_ddp_flags = {}
+        if self._dppf_gradients is not None:  # DDP averages over every process again
+            self._dppf_gradients.active = False
+            self._dppf_gradients = None
 
     @contextlib.contextmanager
     def dppf_averaged(self) -> Iterator[None]:
@@ -496,7 +503,7 @@ class DPPFTrainer(Trainer):
         if not self.dppf_enabled or self._dppf_in_sync or (self._dppf_groups and self._dppf_engine is None):
             yield  # (under DeepSpeed before training, every process holds the model it was given)
             return
-        if self._dppf_groups is None and (self._dppf_engine is None or self._dppf_engine.module is not self.model):
+        if not self._dppf_groups and (self._dppf_engine is None or self._dppf_engine.module is not self.model):
             self._dppf_engine = DPPFConsensus(self.model, self.args.dppf_config)  # e.g. evaluate() before train()
         with self._dppf_engine.averaged():
             yield
@@ -574,17 +581,9 @@ class DPPFTrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         worker = self._dppf_worker_dir(output_dir)
         os.makedirs(worker, exist_ok=True)
-        if self._dppf_groups is not None:
+        if self.is_deepspeed_enabled:
             return self._dppf_save_deepspeed(output_dir, worker)
-        save_model(self.model, os.path.join(worker, WORKER_WEIGHTS_NAME), force_contiguous=True)
-        torch.save(self.optimizer.state_dict(), os.path.join(worker, WORKER_OPTIMIZER_NAME))
-        engine = self._dppf_engine.state_dict()
-        centre = engine.pop("centre", {})
-        if centre:
-            save_file({k: v.contiguous() for k, v in centre.items()}, self._dppf_centre_file(worker))
-        state = {"world_size": self.args.world_size, "engine": engine}
-        with open(os.path.join(worker, WORKER_STATE_NAME), "w") as f:
-            json.dump(state, f, indent=2)
+        save_worker_state(worker, self.model, inner_optimizer(self.optimizer), self._dppf_engine)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
