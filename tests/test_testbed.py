@@ -1,6 +1,7 @@
 """
 The bandwidth-limited testbed (scripts/netns_testbed.py): the shaping is real, gloo runs across it at the shaped rate,
-and no namespace outlives the testbed: not after a normal run, a failing command, or a SIGTERM.
+a multi-node torchrun launch (several processes per namespace) puts fast links inside a node and the shaped ones
+between nodes, and no namespace outlives the testbed: not after a normal run, a failing command, or a SIGTERM.
 
 These tests need root and iproute2 (`ip`, `tc`); they are skipped only where either is missing.
 """
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.skipif(
     reason="the testbed needs root and iproute2 (ip, tc)",
 )
 RATE = "50mbit"
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "netns_testbed.py"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "netns_testbed.py"
 ALL_REDUCE = """
 import time, torch, torch.distributed as dist
 dist.init_process_group("gloo")
@@ -44,6 +46,36 @@ def live_namespaces(prefix: str = "dppftb-") -> list[str]:
 
 def namespaces_of(pid: int) -> list[str]:
     return live_namespaces(f"dppftb-{pid}-")
+
+
+PER_NODE = """
+import os, subprocess, time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+netns = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True, text=True).stdout.strip()
+env = [os.environ[k] for k in ("WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")]
+seen = [None] * dist.get_world_size()
+dist.all_gather_object(seen, [rank, netns, *env])
+node = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+across = dist.new_group([0, 2])  # one process per node, so nothing else shares the link
+
+def timed(group, member):
+    x = torch.ones(1_250_000)  # 5 MB of fp32
+    if member:
+        dist.all_reduce(torch.ones(1), group=group)  # warm-up
+    dist.barrier()
+    start = time.perf_counter()
+    if member:
+        dist.all_reduce(x, group=group)
+    return time.perf_counter() - start, x[0].item()
+
+inside = min(timed(node, True) for _ in range(3))  # both nodes at once, each inside its own namespace
+across_s = timed(across, rank in (0, 2))
+if rank == 0:
+    print({"eval_seen": seen, "eval_inside": inside, "eval_across": across_s}, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +158,13 @@ def test_refuses_bad_rates_and_sizes(testbed_module):
         tb.parse_rate("100mb")
     with pytest.raises(ValueError, match=r"--workers=1 is invalid: it must be in \[2, 200\]"):
         tb.Testbed(1, RATE)
+    with pytest.raises(SystemExit, match="--launcher env starts one process per worker"):
+        tb.main(["--launcher", "env", "--nproc_per_node", "2", "--", "true"])
+    with pytest.raises(ValueError, match="--nproc_per_node=2 needs --launcher torchrun"):
+        tb.worker_argv(tb.Testbed(2, RATE), 0, ["true"], "env", 2)
+    # c10d orders nodes by address as strings: worker i must sort i-th (also past 10 and 100 workers)
+    addresses = [tb.Testbed(200, RATE).address(i) for i in range(200)]
+    assert sorted(addresses) == addresses and len(set(addresses)) == 200
 
 
 def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
@@ -176,3 +215,29 @@ def test_bench_across_links_table_matches_runs(tmp_path):
         ]
         assert cells == expected
     assert set(live_namespaces()) == before  # the sweep removed its namespaces
+
+
+def test_two_nodes_of_two_processes_fast_inside_shaped_across(testbed_module, tmp_path):
+    """The CLI's multi-node launch (torchrun c10d, --nproc_per_node 2), through --compare: a node is one namespace."""
+    script, out_json = tmp_path / "per_node.py", tmp_path / "rows.json"
+    script.write_text(PER_NODE)
+    cmd = [sys.executable, str(SCRIPT), "--workers", "2", "--nproc_per_node", "2", "--compare", "--rates", RATE]
+    cmd += ["--method", "2x2=", "--timeout", "90", "--no_echo", "--output_json", str(out_json), "--", str(script)]
+    tool = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cpu_env())
+    try:
+        output, _ = tool.communicate(timeout=150)
+    finally:
+        tool.kill()
+    assert tool.returncode == 0, output[-4000:]
+    ((row,),) = [json.loads(out_json.read_text())]
+    ((_, metrics),) = row["evaluations"]
+    # ranks 0,1 are node 0 in worker 0's namespace, ranks 2,3 node 1 in worker 1's: what `--dppf_replica_size 2` needs
+    assert metrics["eval_seen"] == [
+        [rank, f"dppftb-{tool.pid}-w{rank // 2}", "4", str(rank % 2), "2", str(rank // 2)] for rank in range(4)
+    ]
+    (inside_s, inside_sum), (across_s, across_sum) = metrics["eval_inside"], metrics["eval_across"]
+    assert inside_sum == across_sum == 2.0  # two ones summed, in either group
+    wire_s = 5e6 * 8 / testbed_module.parse_rate(RATE)  # a 2-rank ring sends each rank's 5 MB once
+    assert across_s >= 0.9 * wire_s, metrics
+    assert inside_s <= 0.2 * wire_s, metrics  # local delivery: far faster than the shaped link
+    assert namespaces_of(tool.pid) == []
