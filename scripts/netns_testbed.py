@@ -14,6 +14,10 @@ creating process is gone). Traffic never leaves the namespaces it creates.
     # run a command once per namespace: one torchrun node per worker (the default launcher)
     sudo python scripts/netns_testbed.py --workers 2 --rate 100mbit -- recipes/text_classification.py --dppf
 
+    # "machines" with several processes each: 2 nodes x 2 processes, one replica per node (hierarchical DPPF)
+    sudo python scripts/netns_testbed.py --workers 2 --nproc_per_node 2 --rate 100mbit -- \
+        recipes/text_classification.py --dppf --dppf_replica_size 2
+
     # or one plain process per worker, with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (torch `env://`)
     sudo python scripts/netns_testbed.py --workers 4 --rate 1gbit --launcher env -- python my_script.py
 
@@ -25,6 +29,14 @@ In `--compare` mode the command must print its evaluation metrics as the `Traine
 rank 0's stdout, e.g. with `--disable_tqdm True`); the tool stamps each evaluation with the wall time since launch
 minus the time spent evaluating so far (the sum of `eval_runtime`), so the times are training time, start-up included.
 Every worker process gets `GLOO_SOCKET_IFNAME` (its link) and `OMP_NUM_THREADS=1` unless set.
+
+The torchrun launcher is the multi-node launch users run: on every worker `torchrun --nnodes <workers>
+--nproc_per_node <N> --rdzv_backend c10d --rdzv_endpoint <worker 0>:29500`, so `--nproc_per_node N` runs N processes
+per "machine" (global ranks i*N .. i*N+N-1 on worker i). Processes of one worker reach each other through their
+namespace's own address (local delivery, unshaped: a fast intra-node link); traffic between workers crosses the shaped
+links (the slow inter-node network). Because the namespaces share the machine's hostname, each node also gets
+`--local_addr <its address>` and `--rdzv_conf is_host=0|1` (real machines do not need them); c10d orders the nodes by
+address, so worker i is node (GROUP_RANK) i.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_logs import parse_metrics  # noqa: E402 (a sibling script, not a package)
 
 PREFIX = "dppftb"
-SUBNET = "10.213.0"  # private addresses; they exist only inside the testbed's namespaces
+SUBNET = "10.213"  # a private /16; its addresses exist only inside the testbed's namespaces
 IFNAME = "tb0"  # each worker's link, as seen inside its namespace
 MASTER_PORT = 29500
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
@@ -152,7 +164,8 @@ class Testbed:
         self.switch = f"{tag}-sw"
 
     def address(self, worker: int) -> str:
-        return f"{SUBNET}.{worker + 1}"
+        # three-digit last bytes: sorted as strings (torchrun's c10d rendezvous orders nodes so) they stay in order
+        return f"{SUBNET}.{worker // 100}.{100 + worker % 100}"
 
     def _shape(self, namespace: str, device: str) -> None:
         burst = max(32 * 1024, int(self.bits_per_s / 8 * self.burst_ms / 1000))
@@ -176,7 +189,7 @@ class Testbed:
             _ip("link", "add", "name", IFNAME, "netns", namespace, "type", "veth", "peer", "name", port, "netns",
                 self.switch)  # fmt: skip
             _ip("-n", self.switch, "link", "set", port, "master", "sw", "up")
-            _ip("-n", namespace, "addr", "add", f"{self.address(i)}/24", "dev", IFNAME)
+            _ip("-n", namespace, "addr", "add", f"{self.address(i)}/16", "dev", IFNAME)
             _ip("-n", namespace, "link", "set", IFNAME, "up")
             self._shape(namespace, IFNAME)  # the worker's upload
             self._shape(self.switch, port)  # its download
@@ -253,24 +266,30 @@ def measure_throughput(testbed: Testbed, sender: int = 0, receiver: int = 1, sec
 def worker_argv(
     testbed: Testbed, worker: int, command: Sequence[str], launcher: str, nproc_per_node: int
 ) -> list[str]:
-    """Worker `worker`'s command line: a torchrun node (`launcher="torchrun"`) or the command itself (`"env"`)."""
+    """
+    Worker `worker`'s command line: a torchrun node of a c10d multi-node launch (`launcher="torchrun"`) or the command
+    itself (`"env"`, one process per worker: `nproc_per_node` must be 1).
+    """
     if launcher == "env":
+        if nproc_per_node != 1:
+            raise ValueError(f"--nproc_per_node={nproc_per_node} needs --launcher torchrun (env starts one process).")
         return list(command)
     script = list(command)
     if script and Path(script[0]).name.startswith("python"):
         script = script[1:]  # `torchrun python x.py` would run python as the script
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(testbed.workers), "--node_rank", str(worker),
-        "--nproc_per_node", str(nproc_per_node), "--master_addr", testbed.address(0), "--master_port",
-        str(MASTER_PORT), *script,
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(testbed.workers), "--nproc_per_node",
+        str(nproc_per_node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{testbed.address(0)}:{MASTER_PORT}",
+        "--rdzv_id", testbed.switch, "--rdzv_conf", f"is_host={int(worker == 0)}", "--local_addr",
+        testbed.address(worker), *script,
     ]  # fmt: skip
 
 
 def worker_env(testbed: Testbed, worker: int, launcher: str) -> dict[str, str]:
-    env = {"MASTER_ADDR": testbed.address(0), "MASTER_PORT": str(MASTER_PORT)}
-    if launcher == "env":
-        env |= {"RANK": str(worker), "WORLD_SIZE": str(testbed.workers), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    return env
+    if launcher != "env":
+        return {}  # torchrun sets the rest
+    return {"MASTER_ADDR": testbed.address(0), "MASTER_PORT": str(MASTER_PORT), "RANK": str(worker),
+            "WORLD_SIZE": str(testbed.workers), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}  # fmt: skip
 
 
 @dataclass
@@ -428,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         "itself, with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set (default: %(default)s).",
     )
     parser.add_argument(
-        "--nproc_per_node", type=int, default=1, help="torchrun processes per worker (default: %(default)s)."
+        "--nproc_per_node",
+        type=int,
+        default=1,
+        help="Processes per worker (a 'machine'; torchrun launcher only): they talk to each other unshaped, to other "
+        "workers across the shaped links (default: %(default)s).",
     )
     parser.add_argument("--timeout", type=float, default=None, help="Kill a run after this many seconds.")
     parser.add_argument("--selftest", action="store_true", help="Measure TCP throughput worker 0 -> 1 and exit.")
@@ -456,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.launcher == "env" and args.nproc_per_node != 1:
+        raise SystemExit("netns_testbed: --launcher env starts one process per worker; use --launcher torchrun.")
     check_requirements()
     if args.cleanup:
         removed = cleanup_leftovers()

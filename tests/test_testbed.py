@@ -1,8 +1,10 @@
 """
 The bandwidth-limited testbed (scripts/netns_testbed.py): the shaping is real, gloo runs across it at the shaped rate,
-and no namespace outlives the testbed: not after a normal run, a failing command, or a SIGTERM.
+a multi-node torchrun launch (several processes per namespace) puts fast links inside a node and the shaped ones
+between nodes, and no namespace outlives the testbed: not after a normal run, a failing command, or a SIGTERM. Also
+that accelerate reads accelerate_configs/multi_node_gpu.yaml as a 2-machine launch.
 
-These tests need root and iproute2 (`ip`, `tc`); they are skipped only where either is missing.
+The testbed tests need root and iproute2 (`ip`, `tc`); they are skipped only where either is missing.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import pytest
 
 from tests.dist_utils import cpu_env, load_script
 
-pytestmark = pytest.mark.skipif(
+needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
     reason="the testbed needs root and iproute2 (ip, tc)",
 )
 RATE = "50mbit"
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "netns_testbed.py"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "netns_testbed.py"
 ALL_REDUCE = """
 import time, torch, torch.distributed as dist
 dist.init_process_group("gloo")
@@ -46,11 +49,42 @@ def namespaces_of(pid: int) -> list[str]:
     return live_namespaces(f"dppftb-{pid}-")
 
 
+PER_NODE = """
+import os, subprocess, time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+netns = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True, text=True).stdout.strip()
+env = [os.environ[k] for k in ("WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")]
+seen = [None] * dist.get_world_size()
+dist.all_gather_object(seen, [rank, netns, *env])
+node = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+across = dist.new_group([0, 2])  # one process per node, so nothing else shares the link
+
+def timed(group, member):
+    x = torch.ones(1_250_000)  # 5 MB of fp32
+    if member:
+        dist.all_reduce(torch.ones(1), group=group)  # warm-up
+    dist.barrier()
+    start = time.perf_counter()
+    if member:
+        dist.all_reduce(x, group=group)
+    return time.perf_counter() - start, x[0].item()
+
+inside = min(timed(node, True) for _ in range(3))  # both nodes at once, each inside its own namespace
+across_s = timed(across, rank in (0, 2))
+if rank == 0:
+    print({"eval_seen": seen, "eval_inside": inside, "eval_across": across_s}, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
 @pytest.fixture(scope="module")
 def testbed_module():
     return load_script("netns_testbed")
 
 
+@needs_root
 def test_shaped_link_and_all_reduce_across_it(testbed_module, tmp_path):
     tb = testbed_module
     script = tmp_path / "all_reduce.py"
@@ -70,6 +104,7 @@ def test_shaped_link_and_all_reduce_across_it(testbed_module, tmp_path):
     assert namespaces_of(os.getpid()) == []
 
 
+@needs_root
 def test_torchrun_launcher_and_cleanup_after_a_failing_command(testbed_module, tmp_path):
     tb = testbed_module
     script = tmp_path / "fail_on_rank_1.py"
@@ -86,6 +121,7 @@ def test_torchrun_launcher_and_cleanup_after_a_failing_command(testbed_module, t
     assert namespaces_of(os.getpid()) == []
 
 
+@needs_root
 def test_sigterm_removes_the_namespaces():
     tool = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--workers", "3", "--rate", RATE, "--launcher", "env", "--", "sleep", "60"],
@@ -105,6 +141,7 @@ def test_sigterm_removes_the_namespaces():
     assert namespaces_of(tool.pid) == []
 
 
+@needs_root
 def test_cleanup_removes_only_leftovers_of_dead_testbeds(testbed_module):
     tb = testbed_module
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -119,6 +156,7 @@ def test_cleanup_removes_only_leftovers_of_dead_testbeds(testbed_module):
         subprocess.run(["ip", "netns", "delete", leftover], capture_output=True)
 
 
+@needs_root
 def test_refuses_bad_rates_and_sizes(testbed_module):
     tb = testbed_module
     assert tb.parse_rate("100mbit") == 100_000_000 and tb.parse_rate("1gbit") == 10**9
@@ -126,8 +164,16 @@ def test_refuses_bad_rates_and_sizes(testbed_module):
         tb.parse_rate("100mb")
     with pytest.raises(ValueError, match=r"--workers=1 is invalid: it must be in \[2, 200\]"):
         tb.Testbed(1, RATE)
+    with pytest.raises(SystemExit, match="--launcher env starts one process per worker"):
+        tb.main(["--launcher", "env", "--nproc_per_node", "2", "--", "true"])
+    with pytest.raises(ValueError, match="--nproc_per_node=2 needs --launcher torchrun"):
+        tb.worker_argv(tb.Testbed(2, RATE), 0, ["true"], "env", 2)
+    # c10d orders nodes by address as strings: worker i must sort i-th (also past 10 and 100 workers)
+    addresses = [tb.Testbed(200, RATE).address(i) for i in range(200)]
+    assert sorted(addresses) == addresses and len(set(addresses)) == 200
 
 
+@needs_root
 def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
     # rank 0 "evaluates" twice, 1.5 s apart, each evaluation reporting 1.0 s of eval_runtime: 0.5 s of training between
     tb = testbed_module
@@ -153,6 +199,7 @@ def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
     )
 
 
+@needs_root
 def test_bench_across_links_table_matches_runs(tmp_path):
     """`scripts/bench_consensus.py --rates`: a loopback and a shaped run, and a table that is exactly those runs."""
     out, out_json = tmp_path / "links.md", tmp_path / "links.json"
@@ -176,3 +223,60 @@ def test_bench_across_links_table_matches_runs(tmp_path):
         ]
         assert cells == expected
     assert set(live_namespaces()) == before  # the sweep removed its namespaces
+
+
+@needs_root
+def test_two_nodes_of_two_processes_fast_inside_shaped_across(testbed_module, tmp_path):
+    """The CLI's multi-node launch (torchrun c10d, --nproc_per_node 2), through --compare: a node is one namespace."""
+    script, out_json = tmp_path / "per_node.py", tmp_path / "rows.json"
+    script.write_text(PER_NODE)
+    cmd = [sys.executable, str(SCRIPT), "--workers", "2", "--nproc_per_node", "2", "--compare", "--rates", RATE]
+    cmd += ["--method", "2x2=", "--timeout", "90", "--no_echo", "--output_json", str(out_json), "--", str(script)]
+    tool = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cpu_env())
+    try:
+        output, _ = tool.communicate(timeout=150)
+    finally:
+        tool.kill()
+    assert tool.returncode == 0, output[-4000:]
+    ((row,),) = [json.loads(out_json.read_text())]
+    ((_, metrics),) = row["evaluations"]
+    # ranks 0,1 are node 0 in worker 0's namespace, ranks 2,3 node 1 in worker 1's: what `--dppf_replica_size 2` needs
+    assert metrics["eval_seen"] == [
+        [rank, f"dppftb-{tool.pid}-w{rank // 2}", "4", str(rank % 2), "2", str(rank // 2)] for rank in range(4)
+    ]
+    (inside_s, inside_sum), (across_s, across_sum) = metrics["eval_inside"], metrics["eval_across"]
+    assert inside_sum == across_sum == 2.0  # two ones summed, in either group
+    wire_s = 5e6 * 8 / testbed_module.parse_rate(RATE)  # a 2-rank ring sends each rank's 5 MB once
+    assert across_s >= 0.9 * wire_s, metrics
+    assert inside_s <= 0.2 * wire_s, metrics  # local delivery: far faster than the shaped link
+    assert namespaces_of(tool.pid) == []
+
+
+def test_multi_node_accelerate_config_is_a_two_machine_launch(monkeypatch):
+    """What torchrun gets from `accelerate launch --config_file <multi_node_gpu.yaml> --machine_rank 1 train.py`."""
+    import torch.distributed.run as distrib_run
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _filter_args, _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else torchrun's config_from_args sets it in os.environ
+    path = str(REPO / "accelerate_configs" / "multi_node_gpu.yaml")
+    config = load_config_from_file(path)
+    assert (config.distributed_type, config.num_machines, config.num_processes, config.machine_rank) == (
+        "MULTI_GPU", 2, 16, 0
+    )  # fmt: skip
+    assert (config.rdzv_backend, config.same_network) == ("static", True)
+    script_args = ["--dppf", "--dppf_replica_size", "8"]
+    args = launch_command_parser().parse_args(["--config_file", path, "--machine_rank", "1", "train.py", *script_args])
+    args, _, _ = _validate_launch_command(args)
+    prepare_multi_gpu_env(args)  # machine 1: no check that the port is free here
+    torchrun_args = _filter_args(
+        args,
+        distrib_run.get_args_parser(),
+        ["--training_script", args.training_script, "--training_script_args", args.training_script_args],
+    )
+    launch, _, argv = distrib_run.config_from_args(torchrun_args)
+    assert (launch.min_nodes, launch.max_nodes, launch.nproc_per_node, launch.rdzv_backend) == (2, 2, 8, "static")
+    assert launch.rdzv_endpoint == f"{config.main_process_ip}:{config.main_process_port}"
+    assert launch.rdzv_configs["rank"] == 1  # the node rank: --machine_rank overrides the file's 0
+    assert argv[-4:] == ["train.py", *script_args]
