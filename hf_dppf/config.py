@@ -102,9 +102,11 @@ class DPPFConfig:
             and the round only pulls. Nothing more is sent; `x_A` is kept between rounds (one extra copy of the
             trainable weights, checkpointed). `strategy="dppf"` only, blocking rounds only (`overlap_steps=0`).
         replica_size (`int`, defaults to 1):
-            Processes per worker (replica) under DeepSpeed ZeRO: world size = `replica_size` x replicas; inside a
-            replica ZeRO shards and synchronises every step, across replicas DPPF runs on each shard. 1 (flat) makes
-            every process a worker (ZeRO-0/1 only). Needs DeepSpeed when > 1.
+            Processes per worker (replica), `G`: the world is `G` x replicas and `G` neighbouring ranks form one
+            replica (set it to the processes per machine). Inside a replica the gradients are averaged at every step
+            (DDP over the replica; under DeepSpeed ZeRO shards and synchronises it); across replicas DPPF runs, its
+            round sharded so that each process sends 1/G of the model. 1 (flat) makes every process a worker.
+            `push_mode="step"` needs 1 without DeepSpeed.
     """
 
     tau: int = 4

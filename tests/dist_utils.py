@@ -232,10 +232,11 @@ def _gloo_events(prof: Any) -> Iterator[tuple[str, list[list[int]], list[str]]]:
 
 # torch.distributed calls that move data between ranks (barriers included: they synchronise replicas too).
 _COLLECTIVE_FUNCTIONS = (
-    "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_single",
-    "_all_gather_base", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
-    "all_to_all", "all_to_all_single", "gather", "scatter", "all_gather_object", "broadcast_object_list",
-    "gather_object", "scatter_object_list", "send", "recv", "isend", "irecv", "barrier", "monitored_barrier",
+    "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+    "all_gather_single", "_all_gather_base", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor",
+    "_reduce_scatter_base", "all_to_all", "all_to_all_single", "gather", "scatter", "all_gather_object",
+    "broadcast_object_list", "gather_object", "scatter_object_list", "send", "recv", "isend", "irecv", "barrier",
+    "monitored_barrier",
 )  # fmt: skip
 
 

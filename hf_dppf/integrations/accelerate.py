@@ -72,6 +72,14 @@ class DPPF:
     optimizer steps. On a normal exit every worker is set to the average (or, with `average_on_exit=False`, a last
     DPPF round runs), so `accelerator.save_model` saves the consensus model.
 
+    With `config.replica_size = G > 1` (hierarchical DPPF, `G` = processes per machine) the `G` neighbouring processes
+    of a replica are one worker: the DDP model averages their gradients over the replica at every real step (a
+    communication hook; accumulation micro-batches stay local as usual, and the hook falls back to DDP's own group when
+    the block ends), nothing crosses replicas between rounds, and each round is sharded so that each process sends
+    1/G of the model across replicas (`hf_dppf.engine.replicas`). Checkpoints hold one copy per replica under
+    `d/dppf/replica{k}/`. Build the DDP model with `find_unused_parameters=False` (Accelerate's default), or DDP
+    all-reduces a bitmap over every process at every step.
+
     The baselines need a little more from the loop: `strategy="lsgd"` needs each worker's training loss, fed with
     `dppf.observe(loss=loss)` before the `optimizer.step()` that may complete a round; `strategy="grawa"` needs the
     gradient norm, which a pre-hook on the optimizer measures at every step (the norm of the gradients the step

@@ -29,7 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..engine import DPPFConsensus
 from .arguments import DPPFArguments
-from .common import (  # (the checkpoint layout's names are re-exported: scripts and tests read checkpoints)
+from .common import (  # noqa: F401 (re-exported: scripts and tests read checkpoints)
     DPPF_CHECKPOINT_DIR,
     REPLICA_DIR,
     WORKER_CENTRE_NAME,
@@ -251,6 +251,11 @@ class DPPFTrainer(Trainer):
     - The baselines get what they need from the stock loop: `lsgd` the loss of every micro-batch as `training_step`
       returns it (the value the Trainer logs), `grawa` the gradient norm the Trainer computes before clipping (the
       logged `grad_norm`; after clipping every norm above `max_grad_norm` would be the same and the weights equal).
+    - With `--dppf_replica_size G > 1` (hierarchical DPPF; `G` = processes per machine) the `G` neighbouring
+      processes of a replica are one worker: DDP averages their gradients over the replica at every optimizer step
+      (a communication hook; `--ddp_find_unused_parameters` defaults to false, as its bitmap would cross replicas at
+      every step), nothing crosses replicas between rounds, and each round is sharded so that each process sends 1/G
+      of the model across replicas. Checkpoints hold one copy per replica under `dppf/replica{k}/`.
     - With DeepSpeed (`--deepspeed ds_config.json` or an Accelerate DeepSpeed config) the workers are replicas of
       `--dppf_replica_size` processes: ZeRO shards and synchronises inside each replica every step, DPPF runs across
       replicas shard by shard (`deepspeed.py` in this package); checkpoints hold each replica's DeepSpeed checkpoint
