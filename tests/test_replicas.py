@@ -170,6 +170,17 @@ def _refusals(rank: int, world_size: int) -> None:
         )
     with pytest.raises(ValueError, match=r"must divide the number of processes \(valid: \[1, 2, 4\]\)"):
         ReplicaGroups.build(3)
+    from hf_dppf.integrations.common import sync_gradients_in_replica
+
+    with pytest.raises(ValueError, match="DDP-wrapped"):
+        sync_gradients_in_replica(torch.nn.Linear(2, 2), groups.replica_group)
+    from trainer_fixtures import make_args, tiny_bert
+
+    from hf_dppf import DPPFTrainer
+
+    with pytest.raises(ValueError, match="--dppf_push_mode step is not available with --dppf_replica_size 2"):
+        args = make_args(f"/tmp/unused-{rank}", dppf=True, dppf_replica_size=2, dppf_push_mode="step")
+        DPPFTrainer(model=tiny_bert(seed=1), args=args)
 
 
 def test_replica_refusals():

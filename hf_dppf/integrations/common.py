@@ -300,7 +300,11 @@ class ReplicaGroups:
             replica_size (`int`): processes per replica; must divide the world size.
         """
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ReplicaGroups.build needs an initialised torch.distributed process group.")
+            raise RuntimeError(
+                f"replica_size={replica_size} needs several processes with an initialised torch.distributed process "
+                "group: launch with torchrun or accelerate launch (on CPU, Accelerator(cpu=True)), or use "
+                "replica_size=1."
+            )
         world, rank = dist.get_world_size(), dist.get_rank()
         if isinstance(replica_size, bool) or not isinstance(replica_size, int) or replica_size < 1:
             raise ValueError(f"replica_size={replica_size!r} is invalid: it must be an integer >= 1.")

@@ -313,9 +313,15 @@ class DPPFTrainer(Trainer):
                 "--dppf with FSDP is not supported by DPPFTrainer: use DeepSpeed ZeRO with --dppf_replica_size to "
                 "shard a replica over several processes, or DDP / a single process per replica."
             )
+        config = self.args.dppf_config
         if self.is_deepspeed_enabled:
             stage = zero_stage_of(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-            check_zero_stage(stage, self.args.dppf_config.replica_size)
+            check_zero_stage(stage, config.replica_size)
+        elif config.replica_size > 1 and config.push_mode == "step":
+            raise ValueError(
+                f"--dppf_push_mode step is not available with --dppf_replica_size {config.replica_size} (the per-step "
+                "push would need an all-gather inside the replica at every step): use --dppf_push_mode round."
+            )
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"--dppf with torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs in one process is not "
