@@ -369,20 +369,23 @@ def _trainer_runs(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     import gc
 
     from safetensors.torch import load_file
-    from test_trainer import _optimizer_states_equal, _tensors_equal, own_weights
+    from test_trainer import RecordingDPPFTrainer, _optimizer_states_equal, _tensors_equal, own_weights
     from trainer_fixtures import make_args, tiny_bert, toy_data
 
     from hf_dppf import DPPFTrainer
 
     recorder = _ReplicaRecorder(rank)
-    straight = DPPFTrainer(
+    straight = RecordingDPPFTrainer(
         model=tiny_bert(seed=1),
         args=make_args(f"{tmp}/a", **TRAINER_RUN),
         train_dataset=toy_data(),
         callbacks=[recorder.callback],
     )
     recorder.trainer = straight
+    straight.seen = []
     straight.train()
+    seen: list[Any] = [None] * WORLD
+    dist.all_gather_object(seen, straight.seen)
     final = _replicas_of(_own(straight.model), all_ranks=True)
     config = straight.args.dppf_config
     worst = 0.0
@@ -394,6 +397,8 @@ def _trainer_runs(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     resumed.train(resume_from_checkpoint=f"{tmp}/a/checkpoint-4")
     worker = f"{tmp}/{{}}/checkpoint-8/dppf/replica{rank // G}/{{}}"
     out = {
+        # one epoch is 3 micro-batches of 4 per process: together, every sample once (each process its own shard)
+        "one_epoch": sorted(i for ids in seen for batch in ids[:3] for i in batch),
         "groups": recorder.groups,
         "unseen": recorder.unseen,
         "replicas_differ": recorder.replicas_differ,
@@ -428,7 +433,7 @@ def test_trainer_replicas_sync_inside_round_across_and_resume_exactly(tmp_path):
         assert [bool(u) for u in out["unseen"]] == [False, True] + [False] * 6, out["unseen"]
         assert all(out["replicas_differ"]) and out["rounds"] == 2 and out["worst"] < TOL, out
         assert out["round_bytes"] == [4 * math.ceil(out["numel"] / G) + 16] * 2, out["round_bytes"]
-        assert out["exit_average"]
+        assert out["exit_average"] and out["one_epoch"] == list(range(48))
         assert out["resumed_weights"] and out["resumed_optimizer"] and out["resumed_final"], out
     assert results[0]["files"] == ["replica0", "replica1"]
     assert results[0]["replica_files"] == [
