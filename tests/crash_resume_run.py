@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from trainer_fixtures import make_args, tiny_bert, toy_data
 from transformers import TrainerCallback
 
-import hf_dppf.integrations.trainer
+import hf_dppf.integrations.common
 from hf_dppf import DPPFTrainer
 
 RUN = dict(dppf=True, dppf_tau=3, max_steps=8, logging_steps=1, save_strategy="steps", save_steps=2)
@@ -46,14 +46,14 @@ class Crash(TrainerCallback):
 
 def kill_while_saving(step: int) -> None:
     """Rank 1 dies in the middle of writing the checkpoint of `step` (after the averaged model, before its own)."""
-    save = hf_dppf.integrations.trainer.save_model
+    save = hf_dppf.integrations.common.save_model  # what writes a worker's own weights
 
     def dying_save(model, filename: str, *args, **kwargs):
         if f"checkpoint-{step}" in filename and dist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return save(model, filename, *args, **kwargs)
 
-    hf_dppf.integrations.trainer.save_model = dying_save
+    hf_dppf.integrations.common.save_model = dying_save
 
 
 def main() -> None:

@@ -170,6 +170,17 @@ def _refusals(rank: int, world_size: int) -> None:
         )
     with pytest.raises(ValueError, match=r"must divide the number of processes \(valid: \[1, 2, 4\]\)"):
         ReplicaGroups.build(3)
+    # one replica of every process (M = 1): nothing moves, the statistics are the whole model's
+    whole = ReplicaGroups.build(WORLD)
+    model = _replica_model(whole, 5)  # the same weights on every process of the replica
+    engine = DPPFConsensus(
+        model, DPPFConfig(width=0.01), process_group=whole.shard_group, replica_group=whole.replica_group
+    )
+    before = trainable(model)
+    stats = engine.round()
+    assert all(torch.equal(a, b) for a, b in zip(trainable(model), before))
+    want = math.sqrt(sum(t.double().square().sum().item() for t in before))
+    assert math.isclose(stats.average_norm, want, rel_tol=1e-5), (stats.average_norm, want)  # fp32 norms
     from hf_dppf.integrations.common import sync_gradients_in_replica
 
     with pytest.raises(ValueError, match="DDP-wrapped"):

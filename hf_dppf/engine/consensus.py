@@ -155,8 +155,8 @@ class DPPFConsensus:
         self.last_reseeded = False
         self.stats.leader = self.rank if rule.centre == "leader" else -1
         if self.world_size == 1:  # the average is the worker itself: nothing moves and nothing is sent
-            params = [t for b in self.layout.ensure() if b.is_param for t in b.tensors]  # (a replica's: its shard)
-            sq = self._squares(torch._foreach_norm(params) if params else []).tolist()[0]  # the only host read
+            params, _ = self.layout.collect()  # (the whole worker on each of a replica's processes: / replica_size)
+            sq = self._squares(torch._foreach_norm(params) if params else []).tolist()[0] / self.replica_size
             if not math.isfinite(sq):
                 self.ensure_finite()  # raises: nothing to re-seed from
             lam = self.config.push_strength(math.sqrt(sq), push_scale) if rule.pushes else 0.0
