@@ -32,8 +32,8 @@ Every worker process gets `GLOO_SOCKET_IFNAME` (its link) and `OMP_NUM_THREADS=1
 
 Bytes across the links are counted, not estimated: the kernel's counters of each worker's link (the switch-side end
 of its veth) are read before and after every run, and the run reports what each worker sent and received across it
-during the run (Ethernet frames: the payload plus its TCP/IP/Ethernet headers, ~4.5 % at full-size frames; start-up,
-rendezvous and every collective of the run included). `--compare` shows them as MiB sent per node (the mean over the
+during the run (frames: the payload plus its TCP/IP/Ethernet headers, up to ~4.6 %, and ACKs; start-up, rendezvous
+and every collective of the run included). `--compare` shows them as MiB sent per node (the mean over the
 workers) and per process (that / `--nproc_per_node`); `--link_samples S` also records the counters every S seconds.
 
 The torchrun launcher is the multi-node launch users run: on every worker `torchrun --nnodes <workers>
