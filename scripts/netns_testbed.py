@@ -30,6 +30,12 @@ rank 0's stdout, e.g. with `--disable_tqdm True`); the tool stamps each evaluati
 minus the time spent evaluating so far (the sum of `eval_runtime`), so the times are training time, start-up included.
 Every worker process gets `GLOO_SOCKET_IFNAME` (its link) and `OMP_NUM_THREADS=1` unless set.
 
+Bytes across the links are counted, not estimated: the kernel's counters of each worker's link (the switch-side end
+of its veth) are read before and after every run, and the run reports what each worker sent and received across it
+during the run (frames: the payload plus its TCP/IP/Ethernet headers, up to ~4.6 %, and ACKs; start-up, rendezvous
+and every collective of the run included). `--compare` shows them as MiB sent per node (the mean over the
+workers) and per process (that / `--nproc_per_node`); `--link_samples S` also records the counters every S seconds.
+
 The torchrun launcher is the multi-node launch users run: on every worker `torchrun --nnodes <workers>
 --nproc_per_node <N> --rdzv_backend c10d --rdzv_endpoint <worker 0>:29500`, so `--nproc_per_node N` runs N processes
 per "machine" (global ranks i*N .. i*N+N-1 on worker i). Processes of one worker reach each other through their
@@ -210,6 +216,20 @@ class Testbed:
     def __exit__(self, *exc: object) -> None:
         self.down()
 
+    def link_bytes(self) -> list[tuple[int, int]]:
+        """
+        (bytes sent, bytes received) by each worker across its link since the testbed came up: the kernel's counters
+        of the link's switch-side end `p<i>` (what worker i sends arrives there), Ethernet frames with their headers.
+        """
+        listing = subprocess.run(
+            ["ip", "-n", self.switch, "-json", "-statistics", "link", "show"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        stats = {link["ifname"]: link["stats64"] for link in json.loads(listing)}
+        return [(stats[f"p{i}"]["rx"]["bytes"], stats[f"p{i}"]["tx"]["bytes"]) for i in range(self.workers)]
+
     def popen(self, worker: int, argv: Sequence[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
         """Start `argv` in worker `worker`'s namespace, in a session of its own (so it can be killed as a group)."""
         full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
@@ -294,12 +314,20 @@ def worker_env(testbed: Testbed, worker: int, launcher: str) -> dict[str, str]:
 
 @dataclass
 class RunResult:
-    """What a launched command did: exit codes, wall time, and rank 0's evaluations as (training s, metrics)."""
+    """
+    What a launched command did: exit codes, wall time, rank 0's evaluations as (training s, metrics), and the bytes
+    each worker sent (`link_tx_bytes[i]`) and received (`link_rx_bytes[i]`) across its link during the run (counted,
+    see `Testbed.link_bytes`). `link_samples` (with `sample_s`): `[s since launch, bytes sent by worker 0, 1, ...]`
+    every `sample_s` seconds, counted from the launch.
+    """
 
     returncodes: list[int]
     wall_s: float
     evaluations: list[tuple[float, dict]]
     log_dir: str
+    link_tx_bytes: list[int] = field(default_factory=list)
+    link_rx_bytes: list[int] = field(default_factory=list)
+    link_samples: list[list[float]] = field(default_factory=list)
 
 
 def launch(
@@ -309,17 +337,29 @@ def launch(
     nproc_per_node: int = 1,
     timeout_s: float | None = None,
     echo: bool = True,
+    sample_s: float = 0.0,
 ) -> RunResult:
     """
     Run `command` on every worker of `testbed` and wait for all; kill them all if one fails or the time runs out.
 
     Rank 0's output is echoed (with `echo`) and scanned for evaluation metrics; every worker's output is kept in
-    `<log_dir>/worker<i>.log`.
+    `<log_dir>/worker<i>.log`. The link counters are read before the launch and after every process has ended (and
+    every `sample_s` seconds in between if `sample_s` > 0).
     """
     log_dir = tempfile.mkdtemp(prefix="netns_testbed_")
     procs: list[subprocess.Popen] = []
     evaluations: list[tuple[float, dict]] = []
+    samples: list[list[float]] = []
+    before = testbed.link_bytes()
     start = time.perf_counter()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(sample_s):
+            now = testbed.link_bytes()
+            samples.append(
+                [round(time.perf_counter() - start, 2), *(tx - tx0 for (tx, _), (tx0, _) in zip(now, before))]
+            )
 
     def follow(proc: subprocess.Popen, log_path: str) -> None:
         eval_s = 0.0
@@ -337,6 +377,9 @@ def launch(
                     evaluations.append((now - eval_s, metrics))
 
     threads = []
+    if sample_s > 0:
+        threads.append(threading.Thread(target=sample, daemon=True))
+        threads[-1].start()
     try:
         for i in range(testbed.workers):
             argv = worker_argv(testbed, i, command, launcher, nproc_per_node)
@@ -367,15 +410,29 @@ def launch(
                 except ProcessLookupError:
                     pass
             proc.wait()
+        stop.set()
         for thread in threads:
             thread.join(timeout=10)
-    return RunResult([p.returncode for p in procs], time.perf_counter() - start, evaluations, log_dir)
+    wall_s = time.perf_counter() - start
+    after = testbed.link_bytes()
+    return RunResult(
+        [p.returncode for p in procs],
+        wall_s,
+        evaluations,
+        log_dir,
+        link_tx_bytes=[tx - tx0 for (tx, _), (tx0, _) in zip(after, before)],
+        link_rx_bytes=[rx - rx0 for (_, rx), (_, rx0) in zip(after, before)],
+        link_samples=samples,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- compare
 def time_to_target(evaluations: list[tuple[float, dict]], metric: str, target: float) -> float | None:
     """The training time of the first evaluation whose `metric` reaches `target` (None if none did)."""
     return next((t for t, m in evaluations if metric in m and m[metric] >= target), None)
+
+
+_LONG_KEYS = ("evaluations", "link_samples")  # in --output_json, not in the line printed after each run
 
 
 def compare(args: argparse.Namespace, command: list[str]) -> list[dict]:
@@ -389,8 +446,12 @@ def compare(args: argparse.Namespace, command: list[str]) -> list[dict]:
         with Testbed(args.workers, rate) as testbed:
             measured = measure_throughput(testbed) if args.measure else None
             for name, flags in methods:
-                result = launch(testbed, command + flags, args.launcher, args.nproc_per_node, args.timeout, args.echo)
+                result = launch(
+                    testbed, command + flags, args.launcher, args.nproc_per_node, args.timeout, args.echo,
+                    args.link_samples,
+                )  # fmt: skip
                 finals = [m for _, m in result.evaluations if args.metric in m]
+                per_node_mib = sum(result.link_tx_bytes) / len(result.link_tx_bytes) / 2**20
                 rows.append(
                     {
                         "rate": rate,
@@ -401,11 +462,17 @@ def compare(args: argparse.Namespace, command: list[str]) -> list[dict]:
                         "wall_s": result.wall_s,
                         "time_to_target_s": time_to_target(result.evaluations, args.metric, args.target),
                         "final": finals[-1][args.metric] if finals else None,
+                        "nproc_per_node": args.nproc_per_node,
+                        "link_tx_bytes": result.link_tx_bytes,
+                        "link_rx_bytes": result.link_rx_bytes,
+                        "link_mib_sent_per_node": per_node_mib,
+                        "link_mib_sent_per_process": per_node_mib / args.nproc_per_node,
                         "evaluations": [[t, m] for t, m in result.evaluations],
+                        "link_samples": result.link_samples,
                         "log_dir": result.log_dir,
                     }
                 )
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "evaluations"}), flush=True)
+                print(json.dumps({k: v for k, v in rows[-1].items() if k not in _LONG_KEYS}), flush=True)
     print(compare_table(rows, args.metric, args.target))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=2))
@@ -416,8 +483,8 @@ def compare_table(rows: list[dict], metric: str, target: float) -> str:
     """The markdown table of `compare`'s rows."""
     lines = [
         f"| link (each direction) | method | time to {metric} >= {target:g} (s) | final {metric} "
-        "| total wall time (s) |",
-        "|---|---|---:|---:|---:|",
+        "| total wall time (s) | link MiB sent per node | per process |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         ttt = "not reached" if row["time_to_target_s"] is None else f"{row['time_to_target_s']:.0f}"
@@ -426,7 +493,14 @@ def compare_table(rows: list[dict], metric: str, target: float) -> str:
         link = row["rate"] + (
             "" if row["measured_mbit_s"] is None else f" (measured {row['measured_mbit_s']:.0f} Mbit/s)"
         )
-        lines.append(f"| {link} | {row['method']} | {ttt} | {final} | {row['wall_s']:.0f}{failed} |")
+        node, process = (
+            ("-", "-")
+            if row.get("link_mib_sent_per_node") is None
+            else (f"{row['link_mib_sent_per_node']:.1f}", f"{row['link_mib_sent_per_process']:.1f}")
+        )
+        lines.append(
+            f"| {link} | {row['method']} | {ttt} | {final} | {row['wall_s']:.0f}{failed} | {node} | {process} |"
+        )
     return "\n".join(lines)
 
 
@@ -470,7 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare_group.add_argument("--metric", default="eval_accuracy", help="Metric to reach (default: %(default)s).")
     compare_group.add_argument("--target", type=float, default=0.9, help="Target value (default: %(default)s).")
     compare_group.add_argument("--measure", action="store_true", help="Also measure each rate's TCP throughput.")
-    compare_group.add_argument("--output_json", default=None, help="Write every run's evaluations to this file.")
+    compare_group.add_argument(
+        "--output_json", default=None, help="Write every run's evaluations and link byte counts to this file."
+    )
+    compare_group.add_argument(
+        "--link_samples",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="Also record every worker's bytes sent across its link every S seconds (in --output_json; default: "
+        "only before and after each run).",
+    )
     compare_group.add_argument("--no_echo", dest="echo", action="store_false", help="Do not echo rank 0's output.")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the training command.")
     return parser
@@ -504,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(rc == 0 for row in rows for rc in row["returncodes"]) else 1
     with Testbed(args.workers, args.rate) as testbed:
         result = launch(testbed, command, args.launcher, args.nproc_per_node, args.timeout)
+    sent = ", ".join(f"{tx / 2**20:.1f}" for tx in result.link_tx_bytes)
+    received = ", ".join(f"{rx / 2**20:.1f}" for rx in result.link_rx_bytes)
     print(f"exit codes {result.returncodes}, {result.wall_s:.1f} s; logs in {result.log_dir}", flush=True)
+    print(f"MiB sent across each worker's link: {sent}; received: {received}", flush=True)
     return 0 if all(rc == 0 for rc in result.returncodes) else 1
 
 

@@ -1,8 +1,9 @@
 """
 The bandwidth-limited testbed (scripts/netns_testbed.py): the shaping is real, gloo runs across it at the shaped rate,
-a multi-node torchrun launch (several processes per namespace) puts fast links inside a node and the shaped ones
-between nodes, and no namespace outlives the testbed: not after a normal run, a failing command, or a SIGTERM. Also
-that accelerate reads accelerate_configs/multi_node_gpu.yaml as a 2-machine launch.
+its link byte counters count what a collective sends, a multi-node torchrun launch (several processes per namespace)
+puts fast links inside a node and the shaped ones between nodes, and no namespace outlives the testbed: not after a
+normal run, a failing command, or a SIGTERM. Also that accelerate reads accelerate_configs/multi_node_gpu.yaml as a
+2-machine launch.
 
 The testbed tests need root and iproute2 (`ip`, `tc`); they are skipped only where either is missing.
 """
@@ -105,6 +106,34 @@ def test_shaped_link_and_all_reduce_across_it(testbed_module, tmp_path):
 
 
 @needs_root
+def test_link_counters_count_an_all_reduce(testbed_module, tmp_path):
+    """A 2-rank all-reduce of B bytes sends B per rank; the counters see it with its headers, and nothing when idle."""
+    tb = testbed_module
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    with tb.Testbed(2, "1gbit") as testbed:
+        idle = tb.launch(testbed, ["true"], launcher="env", echo=False, timeout_s=30, sample_s=0.2)
+        result = tb.launch(
+            testbed, [sys.executable, str(script)], launcher="env", echo=False, timeout_s=60, sample_s=0.2
+        )
+    assert idle.returncodes == result.returncodes == [0, 0]
+    assert max(idle.link_tx_bytes + idle.link_rx_bytes) < 2_000  # nothing but a stray IPv6 neighbour discovery frame
+    payload = 5_000_000  # the ring's reduce-scatter and all-gather each send half of each rank's 5 MB
+    for sent in result.link_tx_bytes:
+        # frames carry the payload plus TCP/IP/Ethernet headers (~4.6 % of a 1514-byte frame) and the ACKs of what
+        # the rank receives (~2 %); the rendezvous, connection set-up and barriers add a few kB: measured ~1.06 x
+        assert payload <= sent <= 1.10 * payload, result.link_tx_bytes
+    # what one worker sends is what the other receives (give or take a few ARP frames)
+    sent, received = result.link_tx_bytes, result.link_rx_bytes
+    assert abs(received[1] - sent[0]) < 10_000 and abs(received[0] - sent[1]) < 10_000, (sent, received)
+    times = [sample[0] for sample in result.link_samples]
+    assert times == sorted(times) and len(times) >= 2
+    for worker in range(2):  # cumulative counts from the launch: they only grow, up to the run's total
+        counts = [sample[1 + worker] for sample in result.link_samples]
+        assert counts == sorted(counts) and counts[-1] <= result.link_tx_bytes[worker]
+
+
+@needs_root
 def test_torchrun_launcher_and_cleanup_after_a_failing_command(testbed_module, tmp_path):
     tb = testbed_module
     script = tmp_path / "fail_on_rank_1.py"
@@ -193,8 +222,9 @@ def test_compare_times_exclude_evaluation(testbed_module, tmp_path):
     assert tb.time_to_target(result.evaluations, "eval_accuracy", 0.9) == t2
     assert tb.time_to_target(result.evaluations, "eval_accuracy", 0.99) is None
     row = {"rate": RATE, "measured_mbit_s": None, "method": "x", "returncodes": [0, 1], "wall_s": 3.0,
-           "time_to_target_s": None, "final": 0.95}  # fmt: skip
-    assert "| 50mbit | x | not reached | 0.9500 | 3 (failed: exit codes [0, 1]) |" in tb.compare_table(
+           "time_to_target_s": None, "final": 0.95, "link_mib_sent_per_node": 12.34,
+           "link_mib_sent_per_process": 6.17}  # fmt: skip
+    assert "| 50mbit | x | not reached | 0.9500 | 3 (failed: exit codes [0, 1]) | 12.3 | 6.2 |" in tb.compare_table(
         [row], "eval_accuracy", 0.9
     )
 
@@ -231,7 +261,8 @@ def test_two_nodes_of_two_processes_fast_inside_shaped_across(testbed_module, tm
     script, out_json = tmp_path / "per_node.py", tmp_path / "rows.json"
     script.write_text(PER_NODE)
     cmd = [sys.executable, str(SCRIPT), "--workers", "2", "--nproc_per_node", "2", "--compare", "--rates", RATE]
-    cmd += ["--method", "2x2=", "--timeout", "90", "--no_echo", "--output_json", str(out_json), "--", str(script)]
+    cmd += ["--method", "2x2=", "--timeout", "90", "--no_echo", "--output_json", str(out_json), "--link_samples", "1"]
+    cmd += ["--", str(script)]
     tool = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cpu_env())
     try:
         output, _ = tool.communicate(timeout=150)
@@ -249,6 +280,14 @@ def test_two_nodes_of_two_processes_fast_inside_shaped_across(testbed_module, tm
     wire_s = 5e6 * 8 / testbed_module.parse_rate(RATE)  # a 2-rank ring sends each rank's 5 MB once
     assert across_s >= 0.9 * wire_s, metrics
     assert inside_s <= 0.2 * wire_s, metrics  # local delivery: far faster than the shaped link
+    # the link counters see the one 5 MB all-reduce across (each node sends 5 MB and headers) and none of the three
+    # inside a node (15 MB per node, local delivery); the rest is the rendezvous and the process groups' set-up
+    for sent in row["link_tx_bytes"]:
+        assert 5e6 <= sent <= 1.15 * 5e6, row["link_tx_bytes"]
+    assert row["link_mib_sent_per_node"] == sum(row["link_tx_bytes"]) / 2 / 2**20
+    assert row["link_mib_sent_per_process"] == row["link_mib_sent_per_node"] / 2
+    assert row["link_samples"] and all(len(sample) == 3 for sample in row["link_samples"])
+    assert " | 2x2 | " in output and f" | {row['link_mib_sent_per_node']:.1f} | " in output  # the table's columns
     assert namespaces_of(tool.pid) == []
 
 
