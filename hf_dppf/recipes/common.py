@@ -25,8 +25,10 @@ record that benchmarks read. Schema (`"schema": "hf_dppf.results/1"`):
       },
       "dppf_stats": {                            # null without --dppf
         "rounds": 30,                            # consensus rounds during training (max_steps // tau, + warmup)
-        "bytes_per_worker": 12345678,            # bytes this worker handed to collectives until then: those
+        "bytes_per_worker": 12345678,            # bytes this process handed to collectives until then: those
                                                  # rounds, the engine's start-up check, evaluations of the average
+        "replica_bytes": 6172839,                # the part of them sent inside this process's replica
+                                                 # (--dppf_replica_size > 1; 0 otherwise): the rest crossed workers
         "valley_width": 0.8,                     # mean distance to the average after the last of them
         "average_norm": 42.0,                    # ||x_A|| at that round
         "round_ms": 510.0,                       # wall time of those rounds, milliseconds
@@ -296,6 +298,7 @@ def dppf_stats(final: DPPFStats, last_step: DPPFStats | None) -> dict[str, Any]:
     return {
         "rounds": last.rounds,
         "bytes_per_worker": last.bytes_communicated,
+        "replica_bytes": last.replica_bytes,
         "valley_width": last.mean_distance,
         "average_norm": last.average_norm,
         "round_ms": last.total_round_ms,
@@ -385,7 +388,12 @@ def print_summary(record: dict[str, Any], name: str, value: str, scope: str) -> 
     if stats is not None:
         print(
             f"DPPF: {stats['rounds']} rounds, valley width {stats['valley_width']:.4g} at the last round, "
-            f"{stats['bytes_per_worker'] / 2**20:.1f} MiB sent per worker",
+            f"{stats['bytes_per_worker'] / 2**20:.1f} MiB sent per process"
+            + (
+                f" ({stats['replica_bytes'] / 2**20:.1f} MiB of it inside its replica)"
+                if stats["replica_bytes"]
+                else ""
+            ),
             flush=True,
         )
 
