@@ -240,7 +240,7 @@ def _accelerate_loop(rank: int, world_size: int) -> dict[str, Any]:
             for micro in range(ACCUM):
                 x, y = _batch(rank, step, micro)
                 (torch.nn.functional.mse_loss(reference(x), y) / ACCUM).backward()
-            grads = _replicas_of([p.grad for p in reference.parameters()], all_ranks=True)
+            grads = gather_workers([p.grad for p in reference.parameters()], WORLD)
             with count_collectives() as profiled, record_collective_groups() as calls:
                 for micro in range(ACCUM):
                     with accelerator.accumulate(model):
@@ -274,17 +274,13 @@ def _accelerate_loop(rank: int, world_size: int) -> dict[str, Any]:
                 out["round_bytes"].append(round_calls.bytes_over(shard_group))
         out["rounds"] = dppf.stats.rounds
         before_exit = _replicas(_own(model.module))
-    final = _replicas_of(_own(model.module), all_ranks=True)
+    final = gather_workers(_own(model.module), WORLD)
     average = [sum(w[j] for w in before_exit) / len(before_exit) for j in range(len(before_exit[0]))]
     out["exit_average"] = all(all(torch.allclose(a, b, atol=1e-6) for a, b in zip(f, average)) for f in final) and all(
         all(torch.equal(a, b) for a, b in zip(f, final[0])) for f in final
     )
     out["numel"] = numel
     return out
-
-
-def _replicas_of(tensors: list[torch.Tensor], all_ranks: bool) -> list[list[torch.Tensor]]:
-    return gather_workers(tensors, WORLD) if all_ranks else _replicas(tensors)
 
 
 def test_accelerate_block_replicas_sync_inside_and_round_across():
@@ -397,7 +393,7 @@ def _trainer_runs(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     straight.train()
     seen: list[Any] = [None] * WORLD
     dist.all_gather_object(seen, straight.seen)
-    final = _replicas_of(_own(straight.model), all_ranks=True)
+    final = gather_workers(_own(straight.model), WORLD)
     config = straight.args.dppf_config
     worst = 0.0
     for workers, after in recorder.rounds:

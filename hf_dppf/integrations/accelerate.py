@@ -22,6 +22,7 @@ from .common import (
     ReplicaGradients,
     ReplicaGroups,
     after_round,
+    build_engine,
     check_worker_state,
     engine_dir,
     initial_lr,
@@ -31,7 +32,6 @@ from .common import (
     restore_ddp,
     save_worker_state,
     silence_ddp,
-    sync_gradients_in_replica,
 )
 
 logger = logging.getLogger(__name__)
@@ -160,13 +160,7 @@ class DPPF:
             return self
         unwrapped = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
         groups = ReplicaGroups.build(self.config.replica_size) if self.config.replica_size > 1 else None
-        if groups is None:
-            self.engine = DPPFConsensus(unwrapped, self.config)
-        else:  # hierarchical: DDP averages the gradients inside each replica, the rounds run across replicas
-            self._replica_gradients = sync_gradients_in_replica(self.model, groups.replica_group)
-            self.engine = DPPFConsensus(
-                unwrapped, self.config, process_group=groups.shard_group, replica_group=groups.replica_group
-            )
+        self.engine, self._replica_gradients = build_engine(unwrapped, self.model, self.config, groups)
         world = self.engine.world_size * self.engine.replica_size
         processes = getattr(self.accelerator, "num_processes", world)
         if processes != world:

@@ -266,6 +266,21 @@ def sync_gradients_in_replica(model: torch.nn.Module, group: dist.ProcessGroup) 
     return state
 
 
+def build_engine(
+    module: torch.nn.Module, ddp_model: torch.nn.Module, config: DPPFConfig, groups: ReplicaGroups | None
+) -> tuple[DPPFConsensus, ReplicaGradients | None]:
+    """
+    The engine of a run without DeepSpeed: one worker per process, or, with replica groups of several processes, one
+    per replica, whose DDP model (`ddp_model`) then averages the gradients inside the replica (the returned state;
+    set its `active = False` when DPPF ends).
+    """
+    if groups is None or groups.replica_size == 1:
+        return DPPFConsensus(module, config), None
+    gradients = sync_gradients_in_replica(ddp_model, groups.replica_group)
+    engine = DPPFConsensus(module, config, process_group=groups.shard_group, replica_group=groups.replica_group)
+    return engine, gradients
+
+
 @dataclass(frozen=True)
 class ReplicaGroups:
     """

@@ -36,6 +36,7 @@ from .common import (  # noqa: F401 (re-exported: scripts and tests read checkpo
     WORKER_STATE_NAME,
     ReplicaGradients,
     after_round,
+    build_engine,
     check_worker_state,
     initial_lr,
     inner_optimizer,
@@ -44,7 +45,6 @@ from .common import (  # noqa: F401 (re-exported: scripts and tests read checkpo
     restore_ddp,
     save_worker_state,
     silence_ddp,
-    sync_gradients_in_replica,
     worker_dir,
 )
 from .deepspeed import DeepSpeedDPPF, ReplicaGroups, check_zero_stage, zero_stage_of
@@ -404,13 +404,7 @@ class DPPFTrainer(Trainer):
                 self._dppf_engine.load_state_dict(saved["engine"])
                 self._dppf_engine.verify_ranks()  # every worker resumed from the same step
         else:
-            if groups is None:
-                self._dppf_engine = DPPFConsensus(self.model, config)
-            else:  # DDP averages the gradients inside each replica; the rounds run across replicas
-                self._dppf_gradients = sync_gradients_in_replica(self.model_wrapped, groups.replica_group)
-                self._dppf_engine = DPPFConsensus(
-                    self.model, config, process_group=groups.shard_group, replica_group=groups.replica_group
-                )
+            self._dppf_engine, self._dppf_gradients = build_engine(self.model, self.model_wrapped, config, groups)
             self._dppf_silence()
             if worker is not None:  # the weights are copied into the params in place
                 check_worker_state(worker, self._dppf_engine, checkpoint)
