@@ -45,6 +45,7 @@ def test_bench_cli_writes_table(tmp_path: Path) -> None:
         "DPPFConsensus.round() [lsgd]",
         "DPPFConsensus.round() [grawa]",
         "copy + bucketed all-reduce (no pull-push)",
+        "copy + all-reduce + read sum and weights + write-back (bound)",
         "accelerate LocalSGD averaging",
     }
     assert rows["flat all-reduce (floor)"] == 1.0 and all(v > 0 for v in rows.values())

@@ -7,7 +7,10 @@ that machine noise hits all methods alike, with `--collectives`:
 
 - `gloo` (default): `--nproc` processes; the floor is one `all_reduce` of a single contiguous fp32 tensor as large as
   all the parameters. Rows: each strategy's `DPPFConsensus.round()`, `copy + bucketed all-reduce` (what any method
-  keeping each worker's own weights pays) and accelerate's `LocalSGD` parameter averaging (one all-reduce per tensor).
+  keeping each worker's own weights pays), `copy + all-reduce + read sum and weights + write-back (bound)` (the
+  memory passes no round with module-owned weights can skip: the distance reads the sum and the weights, the
+  write-back reads both and writes the weights; not a round) and accelerate's `LocalSGD` parameter averaging (one
+  all-reduce per tensor).
 - `fake`: one process of a "fake" group of `--nproc` ranks whose collectives return at once, so only the engine's
   own work is timed (on a GPU: its kernels and their launches). The floor is 5 passes over the weights at the
   copy bandwidth measured in the same run (a copy is 2 passes).
@@ -44,6 +47,7 @@ SCHEMA = "hf_dppf.bench/2"
 FLOOR = "flat all-reduce (floor)"
 MEMORY_FLOOR = "5 passes over the weights (floor)"
 OVERLAPPED = "overlapped dppf (launch + finish)"
+LOWER_BOUND = "copy + all-reduce + read sum and weights + write-back (bound)"
 
 MODELS = {
     "bert-base": dict(),
@@ -231,6 +235,7 @@ def _bench(args: argparse.Namespace) -> dict | None:
     if args.collectives == "gloo":
         engine = next(iter(engines.values()))
         methods["copy + bucketed all-reduce (no pull-push)"] = lambda: _copy_and_reduce(engine)
+        methods[LOWER_BOUND] = lambda: _copy_and_reduce(engine, passes=True)
         if not args.skip_localsgd:
             from accelerate import Accelerator
             from accelerate.local_sgd import LocalSGD
@@ -301,12 +306,23 @@ def _row_name(name: str) -> str:
     return "DPPFConsensus.round()" + ("" if name == "dppf" else f" [{name}]")
 
 
-def _copy_and_reduce(engine: DPPFConsensus) -> None:
-    """What any round that keeps each worker's own weights pays: copy every bucket in, all-reduce, wait."""
+def _copy_and_reduce(engine: DPPFConsensus, passes: bool = False) -> None:
+    """
+    What any round that keeps each worker's own weights pays: copy every bucket in, all-reduce, wait. With `passes`,
+    also the memory traffic no such round can avoid (not a round: no coefficient is formed and the weights do not
+    change): as each bucket arrives, one read of the sum and one of the weights (the distance needs both), then the
+    write-back, one `x += w * buffer` per bucket (here with `w = 0`, which reads and writes as much).
+    """
     buckets = engine.layout.ensure()
     rounds.start(buckets, engine.comm)
     for b in buckets:
         engine.comm.wait(b.work)
+        if passes:
+            rounds.norm(b.comm)
+            torch._foreach_norm(b.tensors)
+    if passes:
+        for b in buckets:
+            torch._foreach_add_(b.tensors, b.views, alpha=0.0)
 
 
 def settings_line(result: dict) -> str:
