@@ -165,7 +165,7 @@ class DPPF:
         processes = getattr(self.accelerator, "num_processes", world)
         if processes != world:
             raise RuntimeError(
-                f"Accelerate reports {processes} process(es) but torch.distributed has {self.engine.world_size}: "
+                f"Accelerate reports {processes} process(es) but torch.distributed has {world}: "
                 "the data would not be sharded and the workers would train on the same batches. On CPU build "
                 "Accelerator(cpu=True) or export ACCELERATE_USE_CPU=true."
             )
@@ -353,5 +353,7 @@ class _Unregister:
         self.objects, self.obj = objects, obj
 
     def remove(self) -> None:
-        if any(o is self.obj for o in self.objects):
-            del self.objects[next(i for i, o in enumerate(self.objects) if o is self.obj)]
+        for i, o in enumerate(self.objects):
+            if o is self.obj:
+                del self.objects[i]
+                return
